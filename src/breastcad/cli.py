@@ -1,0 +1,184 @@
+"""The ``breastcad`` command line.
+
+Errors in the user's input are printed as one line (``error: FILE: problem``)
+with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from breastcad import __version__
+from breastcad.errors import BreastcadError
+
+EXAMPLES_TRAIN = """examples:
+  breastcad train                                   # basic CNN, 5-fold grouped CV, bundled BUSI
+  breastcad train --data ~/Dataset_BUSI_with_GT --out runs/busi-full
+  breastcad train --data manifest.csv --task three-class --folds 10 --repeats 3
+  breastcad train --config configs/fast.yaml --set train.lr=1e-3 --set augment.enabled=false
+"""
+
+EXAMPLES_AUDIT = """examples:
+  breastcad audit                                   # the bundled BUSI copy
+  breastcad audit ~/Dataset_BUSI_with_GT --out busi-audit.json
+  breastcad audit manifest.csv
+"""
+
+
+def _add_train_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="grouped cross-validation of a model -> a run folder with report",
+        description="Audit the data, run grouped stratified k-fold cross-validation, "
+        "and write a run folder (metrics with CIs, plots, report.html, fold models).",
+        epilog=EXAMPLES_TRAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", help="folder of class folders, BUSI folder or CSV (default: bundled)")
+    p.add_argument("--config", help="YAML config file (see configs/default.yaml)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
+    )
+    p.add_argument("--model", help="registered model name (default basic_cnn)")
+    p.add_argument("--task", help="benign-vs-malignant | three-class | malignant-vs-rest")
+    p.add_argument("--folds", type=int, help="number of outer folds (default 5)")
+    p.add_argument("--repeats", type=int, help="repeat the k-fold with N seeds")
+    p.add_argument("--epochs", type=int, help="maximum epochs per fold")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--image-size", type=int, help="input size in pixels (default 128)")
+    p.add_argument("--keep-conflicts", action="store_true", help="keep conflicting-label groups")
+    p.add_argument("--out", help="run folder to write (default runs/<timestamp>-<model>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="breastcad",
+        description="Train, evaluate and audit breast-lesion classifiers honestly.",
+        epilog="examples:\n  breastcad audit\n  breastcad train --epochs 20 --out runs/demo\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"breastcad {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    pa = sub.add_parser(
+        "audit",
+        help="what is in a dataset, and what is wrong with it",
+        description="Count classes and sizes, list unreadable files, find exact and near "
+        "duplicates and duplicate groups with conflicting labels.",
+        epilog=EXAMPLES_AUDIT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pa.add_argument("data", nargs="?", help="dataset folder or CSV manifest (default: bundled)")
+    pa.add_argument("--out", help="write the full audit as JSON to this file")
+    pa.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_train_parser(sub)
+    return parser
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from breastcad.data.audit import run_audit
+    from breastcad.data.sources import load_source
+
+    report = run_audit(load_source(args.data), progress=not args.quiet)
+    print(report.summary_text())
+    if args.out:
+        report.write(Path(args.out))
+        print(f"audit written to {args.out}")
+    return 0
+
+
+def _train_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    from breastcad.config import parse_override
+
+    pairs: list[tuple[str, Any]] = [parse_override(s) for s in args.set]
+    flags = {
+        "data.path": args.data,
+        "model.name": args.model,
+        "data.task": args.task,
+        "cv.folds": args.folds,
+        "cv.repeats": args.repeats,
+        "train.epochs": args.epochs,
+        "seed": args.seed,
+        "data.image_size": args.image_size,
+    }
+    pairs += [(k, v) for k, v in flags.items() if v is not None]
+    if args.keep_conflicts:
+        pairs.append(("data.keep_conflicts", True))
+    return pairs
+
+
+def _fmt_ci(m: dict[str, Any]) -> str:
+    return f"{m['value']:.3f} (95% CI {m['low']:.3f}-{m['high']:.3f})"
+
+
+def print_summary(summary: Any) -> None:
+    m = summary.metrics
+    op = m["operating_point"]
+    pooled = m["pooled"]
+    folds = len(m["per_fold"])
+    print()
+    print(f"Pooled out-of-fold ROC-AUC {_fmt_ci(pooled['roc_auc'])}")
+    print(
+        f"  {m['task']}, grouped CV ({folds} fold runs), {m['n_images']} images "
+        f"in {m['n_groups']} duplicate groups"
+    )
+    print(
+        f"Operating point (target sensitivity {op['target_sensitivity']:.2f}, "
+        f"threshold {op['threshold']:.3f} chosen on validation data):"
+    )
+    print(f"  sensitivity {_fmt_ci(pooled['sensitivity'])}")
+    print(f"  specificity {_fmt_ci(pooled['specificity'])}")
+    if "repeats" in m:
+        r = m["repeats"]
+        print(f"AUC over {r['n']} repeats: mean {r['roc_auc_mean']:.3f}, sd {r['roc_auc_sd']:.3f}")
+    secs = summary.fold_seconds
+    print(
+        f"Time per fold {sum(secs) / len(secs):.0f} s, training {summary.images_per_second:.0f} "
+        "images/s"
+    )
+    print(f"Run folder: {summary.run_dir}")
+    print(f"Report:     {summary.run_dir / 'report.html'}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from breastcad.config import load_config
+    from breastcad.experiment import run_cross_validation
+
+    cfg = load_config(args.config, _train_overrides(args))
+    if args.out:
+        run_dir = Path(args.out)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{stamp}-{cfg.name or cfg.model.name}"
+    summary = run_cross_validation(cfg, run_dir, progress=not args.quiet)
+    print_summary(summary)
+    return 0
+
+
+COMMANDS = {"audit": cmd_audit, "train": cmd_train}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Non-UTF-8 file names arrive as surrogate escapes: print them, never crash on them.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except BreastcadError as err:
+        print(f"error: {err}".replace("\n", " "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""One configuration object, from YAML plus ``--set key=value`` overrides.
+
+Every setting lives in ``configs/default.yaml`` with a comment. Unknown keys
+are rejected with the list of valid ones, so a typo never silently does
+nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_type_hints
+
+import yaml
+
+from breastcad.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # None: the bundled compact BUSI copy
+    task: str = "benign-vs-malignant"
+    keep_conflicts: bool = False
+    image_size: int = 128
+    max_pixels: int = 40_000_000
+    cache_dir: str | None = None  # None: $XDG_CACHE_HOME/breastcad or ~/.cache/breastcad
+
+
+@dataclass
+class ModelConfig:
+    name: str = "basic_cnn"
+    width: int = 32
+    dense_units: int = 128
+    kernel_size: int = 3
+    dropout: float = 0.3
+
+
+@dataclass
+class CVConfig:
+    folds: int = 5
+    repeats: int = 1
+    val_fraction: float = 0.2
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    hflip: float = 0.5
+    rotate_deg: float = 20.0
+    shear_deg: float = 10.0
+    scale_min: float = 0.85
+    scale_max: float = 1.15
+    translate: float = 0.08
+    brightness: float = 0.15
+    contrast: float = 0.2
+    gamma: float = 0.2
+    speckle: float = 0.15
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 2
+    patience: int = 10
+    label_smoothing: float = 0.05
+    balance: str = "weighted-loss"  # weighted-loss | none
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    bf16: str = "auto"  # auto | on | off
+    channels_last: bool = True
+    threads: int = 0  # 0: one per core
+    deterministic: bool = True
+
+
+@dataclass
+class EvalConfig:
+    target_sensitivity: float = 0.95
+    n_bootstrap: int = 1000
+    tta: bool = True  # average the model over the image and its mirror
+    ci_level: float = 0.95
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    name: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            keys += _valid_keys(t, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def valid_keys() -> list[str]:
+    return _valid_keys(Config)
+
+
+def _coerce(key: str, value: Any, target: Any) -> Any:
+    """Convert a YAML value to the field's type (``int``, ``float | None``...), clearly."""
+    args = get_args(target) or (target,)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{key}: a value is required")
+    typ = next(a for a in args if a is not type(None))
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if typ is int and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    try:
+        out = typ(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
+    if typ is int and float(value) != out:
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    return out
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in fields(obj)}
+    for k, v in updates.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown setting {key!r}; valid settings: {', '.join(valid_keys())}")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a mapping of settings")
+            _apply(current, v, f"{key}.")
+        else:
+            setattr(obj, k, _coerce(key, v, hints[k]))
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    cur = out
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[tuple[str, Any]] | None = None
+) -> Config:
+    """Defaults, then the YAML file, then overrides (dotted keys)."""
+    cfg = Config()
+    if path is not None:
+        try:
+            doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot read config ({err})".replace("\n", " ")) from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping of settings")
+        doc.pop("schema_version", None)
+        _apply(cfg, doc)
+    for key, value in overrides or []:
+        _apply(cfg, _nest(key, value))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    from breastcad.data.records import get_task
+
+    get_task(cfg.data.task)
+    checks = [
+        (cfg.cv.folds >= 2, "cv.folds must be at least 2"),
+        (cfg.cv.repeats >= 1, "cv.repeats must be at least 1"),
+        (0.05 <= cfg.cv.val_fraction <= 0.5, "cv.val_fraction must be between 0.05 and 0.5"),
+        (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
+        (cfg.train.batch_size >= 2, "train.batch_size must be at least 2"),
+        (cfg.data.image_size >= 16, "data.image_size must be at least 16"),
+        (0.0 < cfg.eval.target_sensitivity < 1.0, "eval.target_sensitivity must be in (0, 1)"),
+        (cfg.train.bf16 in ("auto", "on", "off"), "train.bf16 must be auto, on or off"),
+        (cfg.train.balance in ("weighted-loss", "none"), "train.balance: weighted-loss or none"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)

@@ -1,0 +1,1 @@
+"""Data layer: sources -> Sample records -> audit -> grouped folds -> cached arrays."""

@@ -1,0 +1,28 @@
+"""User-facing errors: one line, names the file and the problem, no traceback."""
+
+from __future__ import annotations
+
+
+class BreastcadError(Exception):
+    """An error caused by the user's input or environment.
+
+    The CLI prints ``str(err)`` on one line and exits non-zero; it never shows a
+    traceback for these.
+    """
+
+
+class ImageReadError(BreastcadError):
+    """A file that should be an image could not be decoded."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class DataError(BreastcadError):
+    """A dataset (folder or manifest) is unusable as a whole."""
+
+
+class ConfigError(BreastcadError):
+    """A configuration key or value is invalid."""

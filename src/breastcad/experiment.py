@@ -1,0 +1,556 @@
+"""Grouped cross-validation of one model -> a run folder (see docs/run-folder.md).
+
+Order of events, chosen so the test folds never decide anything:
+1. audit the data; conflicting-label duplicate groups are left out;
+2. grouped stratified folds; inside each training part, a grouped validation split;
+3. per fold: train, choose the epoch by validation AUC, fit the temperature on
+   validation logits, then predict the test fold once;
+4. one decision threshold per run, from the pooled validation predictions of
+   all folds (a single small validation split holds only a handful of
+   malignant images);
+5. metrics on the pooled out-of-fold test predictions, with CIs by bootstrap
+   over duplicate groups.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from breastcad import __version__
+from breastcad.checkpoint import save_fold_model
+from breastcad.config import Config
+from breastcad.data.audit import AuditReport, run_audit
+from breastcad.data.cache import PREPROCESS_VERSION, load_stack
+from breastcad.data.records import Sample, Task, get_task
+from breastcad.data.sources import load_source
+from breastcad.data.splits import FoldPlan, assert_no_group_leak, make_folds
+from breastcad.engine import Runtime, predict_logits, runtime_settings, train_one_epoch
+from breastcad.envinfo import environment
+from breastcad.errors import DataError
+from breastcad.io import atomic_write_json, atomic_write_text, read_json
+from breastcad.metrics import (
+    apply_temperature,
+    binary_metrics,
+    bootstrap_metrics,
+    fit_temperature,
+    multiclass_metrics,
+    threshold_for_sensitivity,
+    to_dict,
+)
+from breastcad.models import count_parameters, create_model, get_spec
+
+DONE = "DONE"
+
+
+@dataclass
+class Dataset:
+    samples: list[Sample]
+    targets: np.ndarray
+    groups: list[str]
+    hashes: list[str]
+    task: Task
+
+
+@dataclass
+class FoldResult:
+    plan: FoldPlan
+    temperature: float
+    best_epoch: int
+    history: list[dict[str, float]]
+    val_logits: np.ndarray
+    test_logits: np.ndarray
+    seconds: float
+    images_per_second: float
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    metrics: dict[str, Any]
+    fold_seconds: list[float] = field(default_factory=list)
+    images_per_second: float = 0.0
+
+
+def select_task_samples(audit: AuditReport, cfg: Config) -> Dataset:
+    task = get_task(cfg.data.task)
+    usable = audit.usable_samples(keep_conflicts=cfg.data.keep_conflicts)
+    chosen = [s for s in usable if task.target(s.label) is not None]
+    if not chosen:
+        found = sorted({s.label for s in usable})
+        raise DataError(
+            f"no images with labels {', '.join(task.label_map)} for task {task.name}; "
+            f"found labels: {', '.join(found) or 'none'}"
+        )
+    targets = np.array([task.target(s.label) for s in chosen], dtype=np.int64)
+    present = set(targets.tolist())
+    if len(present) < 2:
+        only = task.classes[next(iter(present))]
+        raise DataError(f"only one class ({only}) left for task {task.name}; need at least two")
+    return Dataset(
+        samples=chosen,
+        targets=targets,
+        groups=[str(s.group) for s in chosen],
+        hashes=[audit.file_sha256[s.path] for s in chosen],
+        task=task,
+    )
+
+
+def _binary_view(ds: Dataset, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positive-class targets and probabilities (malignant vs the rest for three-class)."""
+    return (ds.targets == ds.task.positive).astype(int), probs[:, ds.task.positive]
+
+
+def _auc_or_nan(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+
+
+def _class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
+    counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
+    weights = counts.sum() / (num_classes * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def train_fold(
+    cfg: Config,
+    ds: Dataset,
+    images: torch.Tensor,
+    plan: FoldPlan,
+    rt: Runtime,
+    fold_dir: Path,
+    progress: bool,
+) -> FoldResult:
+    t_start = time.perf_counter()
+    seed = cfg.seed * 1000 + plan.repeat * 100 + plan.fold
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    num_classes = ds.task.num_classes
+    options = {
+        "width": cfg.model.width,
+        "kernel_size": cfg.model.kernel_size,
+        "dense_units": cfg.model.dense_units,
+        "dropout": cfg.model.dropout,
+    }
+    model = create_model(cfg.model.name, num_classes, 1, **options).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.train.lr
+    targets = torch.from_numpy(ds.targets)
+    weights = (
+        _class_weights(ds.targets[plan.train], num_classes)
+        if cfg.train.balance == "weighted-loss"
+        else None
+    )
+    bs = cfg.train.batch_size
+    steps_per_epoch = len(plan.train) // bs + (1 if len(plan.train) % bs > 1 else 0)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    warmup = steps_per_epoch * cfg.train.warmup_epochs
+    y_val = (ds.targets[plan.val] == ds.task.positive).astype(int)
+
+    best: dict[str, Any] = {"auc": -1.0, "loss": float("inf"), "epoch": -1, "state": None}
+    history: list[dict[str, float]] = []
+    step, stale, images_seen, train_seconds = 0, 0, 0, 0.0
+    bar = tqdm(
+        range(cfg.train.epochs),
+        desc=f"{plan.name} ({len(plan.train)} train / {len(plan.val)} val / {len(plan.test)} test)",
+        disable=not progress,
+        leave=True,
+        dynamic_ncols=True,
+    )
+    for epoch in bar:
+        stats, step = train_one_epoch(
+            model, images, targets, plan.train, optimizer, weights, cfg.train, cfg.augment,
+            gen, rt, step, total_steps, warmup,
+        )  # fmt: skip
+        images_seen += stats.images
+        train_seconds += stats.seconds_total
+        val_logits = predict_logits(model, images, plan.val, rt)
+        val_t = torch.from_numpy(val_logits)
+        val_loss = float(torch.nn.functional.cross_entropy(val_t, targets[plan.val]))
+        val_acc = float((val_t.argmax(1) == targets[plan.val]).float().mean())
+        val_auc = _auc_or_nan(y_val, torch.softmax(val_t, 1)[:, ds.task.positive].numpy())
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": stats.loss,
+                "train_acc": stats.accuracy,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "val_auc": val_auc,
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": stats.seconds_total,
+            }
+        )
+        score = val_auc if np.isfinite(val_auc) else -val_loss
+        improved = score > best["auc"] or (score == best["auc"] and val_loss < best["loss"])
+        if improved:
+            best = {
+                "auc": score,
+                "loss": val_loss,
+                "epoch": epoch + 1,
+                "state": copy.deepcopy(model.state_dict()),
+            }
+            stale = 0
+        else:
+            stale += 1
+        bar.set_postfix(loss=f"{stats.loss:.3f}", val_auc=f"{val_auc:.3f}", best=best["epoch"])
+        if stale >= cfg.train.patience:
+            break
+    bar.close()
+    model.load_state_dict(best["state"])
+    val_logits = predict_logits(model, images, plan.val, rt, tta=cfg.eval.tta)
+    temperature = fit_temperature(val_logits, ds.targets[plan.val])
+    test_logits = predict_logits(model, images, plan.test, rt, tta=cfg.eval.tta)
+
+    card = {
+        "architecture": cfg.model.name,
+        "model_options": options,
+        "num_classes": num_classes,
+        "in_chans": 1,
+        "parameters": count_parameters(model),
+        "input_size": cfg.data.image_size,
+        "preprocessing": {
+            "version": PREPROCESS_VERSION,
+            "resize": "stretch to square, bilinear",
+            "intensity": "grayscale [0,1] -> uint8 -> per-image standardisation",
+            "tta": "mean of logits over image and horizontal mirror" if cfg.eval.tta else "none",
+        },
+        "task": ds.task.name,
+        "class_names": list(ds.task.classes),
+        "positive_class": ds.task.classes[ds.task.positive],
+        "temperature": temperature,
+        "best_epoch": best["epoch"],
+        "best_val_auc": best["auc"],
+        "repeat": plan.repeat,
+        "fold": plan.fold,
+        "seed": seed,
+        "breastcad_version": __version__,
+    }
+    save_fold_model(fold_dir, model, card)
+    seconds = time.perf_counter() - t_start
+    return FoldResult(
+        plan=plan,
+        temperature=temperature,
+        best_epoch=best["epoch"],
+        history=history,
+        val_logits=val_logits,
+        test_logits=test_logits,
+        seconds=seconds,
+        images_per_second=images_seen / max(train_seconds, 1e-9),
+    )
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def save_fold_outputs(fold_dir: Path, res: FoldResult, ds: Dataset) -> None:
+    keys = list(res.history[0]) if res.history else ["epoch"]
+    _write_csv(fold_dir / "history.csv", keys, [[h[k] for k in keys] for h in res.history])
+    c = ds.task.num_classes
+    logit_cols = [f"logit_{name}" for name in ds.task.classes]
+    for part, idx, logits in (
+        ("val", res.plan.val, res.val_logits),
+        ("test", res.plan.test, res.test_logits),
+    ):
+        rows = [[int(i), *(float(v) for v in logits[j, :c])] for j, i in enumerate(idx)]
+        _write_csv(fold_dir / f"{part}_logits.csv", ["index", *logit_cols], rows)
+    atomic_write_json(
+        fold_dir / "fold.json",
+        {
+            "repeat": res.plan.repeat,
+            "fold": res.plan.fold,
+            "temperature": res.temperature,
+            "best_epoch": res.best_epoch,
+            "seconds": res.seconds,
+            "train_images_per_second": res.images_per_second,
+        },
+    )
+    atomic_write_text(fold_dir / DONE, "done\n")
+
+
+def load_fold_outputs(fold_dir: Path, plan: FoldPlan) -> FoldResult:
+    """Read a finished fold back (used when a run is resumed or collected)."""
+    info = read_json(fold_dir / "fold.json")
+
+    def logits(part: str) -> np.ndarray:
+        rows = _read_csv(fold_dir / f"{part}_logits.csv")
+        return np.array([[float(v) for k, v in r.items() if k != "index"] for r in rows])
+
+    hist = [{k: float(v) for k, v in r.items()} for r in _read_csv(fold_dir / "history.csv")]
+    return FoldResult(
+        plan=plan,
+        temperature=float(info["temperature"]),
+        best_epoch=int(info["best_epoch"]),
+        history=hist,
+        val_logits=logits("val"),
+        test_logits=logits("test"),
+        seconds=float(info["seconds"]),
+        images_per_second=float(info["train_images_per_second"]),
+    )
+
+
+def write_folds(path: Path, ds: Dataset, plans: list[FoldPlan], cfg: Config) -> None:
+    repeats = []
+    for r in sorted({p.repeat for p in plans}):
+        part = ["" for _ in ds.samples]
+        fold_of = [-1 for _ in ds.samples]
+        for p in (p for p in plans if p.repeat == r):
+            for name, idx in (("train", p.train), ("val", p.val), ("test", p.test)):
+                for i in idx:
+                    if name == "test":
+                        fold_of[i] = p.fold
+                    elif name == "val":
+                        part[i] = part[i] + f"val@{p.fold};"
+        repeats.append(
+            {
+                "repeat": r,
+                "seed": cfg.seed + r,
+                "test_fold": fold_of,
+                "inner_validation_in_folds": part,
+            }
+        )
+    atomic_write_json(
+        path,
+        {
+            "task": ds.task.name,
+            "classes": list(ds.task.classes),
+            "n_folds": cfg.cv.folds,
+            "val_fraction": cfg.cv.val_fraction,
+            "method": "StratifiedGroupKFold over duplicate/patient groups; inner grouped split",
+            "samples": [
+                {"path": s.path, "label": s.label, "target": int(t), "group": g}
+                for s, t, g in zip(ds.samples, ds.targets, ds.groups, strict=True)
+            ],
+            "repeats": repeats,
+        },
+    )
+
+
+LIMITS = [
+    "BUSI has no patient identifiers: images of the same woman that are not near-duplicates "
+    "may still fall in different folds, so results can remain slightly optimistic.",
+    "The decision threshold is chosen on inner-validation predictions that also chose the "
+    "epoch; its sensitivity on the test folds is reported as measured, not as targeted.",
+    "All images come from one hospital and scanner family; cross-validated results do not "
+    "show how the model transfers to another site (use `breastcad evaluate`).",
+]
+
+
+def summarise(
+    cfg: Config, ds: Dataset, results: list[FoldResult]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Pooled out-of-fold metrics, threshold from pooled validation predictions."""
+    pos = ds.task.positive
+    n = len(ds.samples)
+    n_rep = max(r.plan.repeat for r in results) + 1
+    val_y, val_p = [], []
+    oof_raw = np.full((n_rep, n, ds.task.num_classes), np.nan)
+    oof_cal = np.full_like(oof_raw, np.nan)
+    oof_fold = np.full((n_rep, n), -1)
+    for r in results:
+        cal_val = apply_temperature(r.val_logits, r.temperature)
+        val_y.append((ds.targets[r.plan.val] == pos).astype(int))
+        val_p.append(cal_val[:, pos])
+        oof_raw[r.plan.repeat, r.plan.test] = apply_temperature(r.test_logits, 1.0)
+        oof_cal[r.plan.repeat, r.plan.test] = apply_temperature(r.test_logits, r.temperature)
+        oof_fold[r.plan.repeat, r.plan.test] = r.plan.fold
+    threshold = threshold_for_sensitivity(
+        np.concatenate(val_y), np.concatenate(val_p), cfg.eval.target_sensitivity
+    )
+    y_bin = (ds.targets == pos).astype(int)
+    groups = np.asarray(ds.groups)
+    alpha = 1 - cfg.eval.ci_level
+    per_repeat = []
+    for rep in range(n_rep):
+        p = oof_cal[rep, :, pos]
+        cis = bootstrap_metrics(
+            y_bin, p, groups, threshold, n_boot=cfg.eval.n_bootstrap, seed=cfg.seed, alpha=alpha
+        )
+        point = binary_metrics(y_bin, p, threshold)
+        per_repeat.append({"repeat": rep, "cis": cis, "point": point})
+    head = per_repeat[0]
+    per_fold = []
+    for r in results:
+        yt = y_bin[r.plan.test]
+        pt = oof_cal[r.plan.repeat, r.plan.test, pos]
+        m = binary_metrics(yt, pt, threshold)
+        per_fold.append(
+            {
+                "repeat": r.plan.repeat,
+                "fold": r.plan.fold,
+                "n_test": len(r.plan.test),
+                "best_epoch": r.best_epoch,
+                "temperature": r.temperature,
+                "roc_auc": m.roc_auc,
+                "sensitivity": m.sensitivity,
+                "specificity": m.specificity,
+                "accuracy": m.accuracy,
+                "seconds": r.seconds,
+            }
+        )
+    raw_auc = _auc_or_nan(y_bin, oof_raw[0, :, pos])
+    metrics: dict[str, Any] = {
+        "task": ds.task.name,
+        "classes": list(ds.task.classes),
+        "positive_class": ds.task.classes[pos],
+        "n_images": n,
+        "n_groups": len(set(ds.groups)),
+        "n_positive": int(y_bin.sum()),
+        "operating_point": {
+            "target_sensitivity": cfg.eval.target_sensitivity,
+            "threshold": threshold,
+            "chosen_on": "pooled inner-validation predictions of all folds (calibrated)",
+            "test_sensitivity": head["point"].sensitivity,
+            "test_specificity": head["point"].specificity,
+        },
+        "pooled": {k: to_dict(v) for k, v in head["cis"].items()},
+        "confusion": [[head["point"].tn, head["point"].fp], [head["point"].fn, head["point"].tp]],
+        "roc_auc_uncalibrated": raw_auc,
+        "per_fold": per_fold,
+        "ci": {
+            "level": cfg.eval.ci_level,
+            "method": "percentile bootstrap over duplicate groups",
+            "n_bootstrap": cfg.eval.n_bootstrap,
+        },
+        "limits": LIMITS,
+    }
+    if n_rep > 1:
+        aucs = np.array([pr["cis"]["roc_auc"].value for pr in per_repeat])
+        metrics["repeats"] = {
+            "n": n_rep,
+            "roc_auc_per_repeat": aucs.tolist(),
+            "roc_auc_mean": float(aucs.mean()),
+            "roc_auc_sd": float(aucs.std(ddof=1)),
+        }
+    if ds.task.num_classes > 2:
+        mc = multiclass_metrics(ds.targets, oof_cal[0], list(ds.task.classes))
+        metrics["multiclass"] = to_dict(mc)
+    from breastcad.metrics import classification_report_text
+
+    decision = (oof_cal[0, :, pos] >= threshold).astype(int)
+    if ds.task.num_classes == 2:
+        metrics["classification_report"] = classification_report_text(
+            y_bin, decision, list(ds.task.classes)
+        )
+    arrays = {"oof_raw": oof_raw, "oof_cal": oof_cal, "oof_fold": oof_fold}
+    return metrics, arrays
+
+
+def write_oof(path: Path, ds: Dataset, arrays: dict[str, np.ndarray], threshold: float) -> None:
+    pos = ds.task.positive
+    binary = ds.task.num_classes == 2
+    prob_cols = ["prob"] if binary else [f"prob_{c}" for c in ds.task.classes]
+    raw_cols = ["prob_raw"] if binary else [f"prob_raw_{c}" for c in ds.task.classes]
+    header = ["path", "group", "label", "repeat", "fold", *prob_cols, *raw_cols, "decision"]
+    rows = []
+    for rep in range(arrays["oof_cal"].shape[0]):
+        for i, s in enumerate(ds.samples):
+            cal, raw = arrays["oof_cal"][rep, i], arrays["oof_raw"][rep, i]
+            probs = [cal[pos]] if binary else list(cal)
+            raws = [raw[pos]] if binary else list(raw)
+            if cal[pos] >= threshold:
+                decision = ds.task.classes[pos]
+            else:  # the most likely of the other classes
+                others = [c for c in range(len(cal)) if c != pos]
+                decision = ds.task.classes[max(others, key=lambda c: cal[c])]
+            rows.append(
+                [s.path, ds.groups[i], s.label, rep, int(arrays["oof_fold"][rep, i]),
+                 *(f"{v:.6f}" for v in probs), *(f"{v:.6f}" for v in raws), decision]
+            )  # fmt: skip
+    _write_csv(path, header, rows)
+
+
+def run_cross_validation(
+    cfg: Config, run_dir: Path, progress: bool = True, log: Any = print
+) -> RunSummary:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    rt = runtime_settings(cfg.train)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    get_spec(cfg.model.name)  # fail early on an unknown model
+
+    source = load_source(cfg.data.path)
+    audit = run_audit(source, max_pixels=cfg.data.max_pixels, progress=progress)
+    audit.write(run_dir / "audit.json")
+    audit_text = audit.summary_text()
+    atomic_write_text(run_dir / "audit.txt", audit_text + "\n")
+    log(audit_text)
+    ds = select_task_samples(audit, cfg)
+    plans = make_folds(
+        ds.targets, ds.groups, cfg.cv.folds, cfg.seed, cfg.cv.val_fraction, cfg.cv.repeats
+    )
+    for plan in plans:
+        assert_no_group_leak(plan, ds.groups)
+    write_folds(run_dir / "folds.json", ds, plans, cfg)
+    atomic_write_json(run_dir / "env.json", environment(rt))
+
+    t0 = time.perf_counter()
+    stack = load_stack(
+        [s.path for s in ds.samples],
+        ds.hashes,
+        cfg.data.image_size,
+        cfg.data.cache_dir,
+        cfg.data.max_pixels,
+    )
+    images = torch.from_numpy(stack)
+    log(
+        f"{len(ds.samples)} images ({', '.join(f'{c}: {int((ds.targets == i).sum())}' for i, c in enumerate(ds.task.classes))}) "  # noqa: E501
+        f"in {len(set(ds.groups))} groups, {cfg.data.image_size} px, loaded in "
+        f"{time.perf_counter() - t0:.1f} s; device {rt.device}, bf16 {'on' if rt.bf16 else 'off'}"
+    )
+
+    results = []
+    for plan in plans:
+        fold_dir = run_dir / plan.name
+        if (fold_dir / DONE).exists():
+            results.append(load_fold_outputs(fold_dir, plan))
+            log(f"{plan.name}: already done, reusing its predictions")
+            continue
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        res = train_fold(cfg, ds, images, plan, rt, fold_dir, progress)
+        save_fold_outputs(fold_dir, res, ds)
+        results.append(res)
+
+    metrics, arrays = summarise(cfg, ds, results)
+    threshold = metrics["operating_point"]["threshold"]
+    write_oof(run_dir / "oof_predictions.csv", ds, arrays, threshold)
+    metrics["timing"] = {
+        "fold_seconds": [r.seconds for r in results],
+        "train_images_per_second": float(np.mean([r.images_per_second for r in results])),
+    }
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    from breastcad.report import write_report
+
+    write_report(run_dir, ds, results, arrays, stack)
+    return RunSummary(
+        run_dir=run_dir,
+        metrics=metrics,
+        fold_seconds=[r.seconds for r in results],
+        images_per_second=metrics["timing"]["train_images_per_second"],
+    )

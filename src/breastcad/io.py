@@ -1,0 +1,90 @@
+"""Atomic file output: temporary file in the same folder, fsync, rename.
+
+A reader (or a resumed run) sees either the old file or the complete new one,
+never half of it. Errors such as a full disk or an unwritable folder become a
+one-line :class:`BreastcadError`, and the previous file stays intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from breastcad.errors import BreastcadError
+
+SCHEMA_VERSION = 1
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    path = Path(path)
+    tmp_name: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+        _fsync_dir(path.parent)
+    except OSError as err:
+        raise BreastcadError(f"{path}: cannot write ({err.strerror or err})") from None
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not every filesystem allows it.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _json_safe(obj.item())
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: dict[str, Any]) -> Path:
+    """Write a JSON document; every document carries a ``schema_version``."""
+    doc = {"schema_version": SCHEMA_VERSION, **obj}
+    return atomic_write_text(path, json.dumps(_json_safe(doc), indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise BreastcadError(f"{path}: no such file") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise BreastcadError(f"{path}: cannot read JSON ({err})") from None

@@ -1,0 +1,104 @@
+"""The run's plots and its self-contained ``report.html`` (images inlined)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from breastcad import plots
+from breastcad.io import atomic_write_text, read_json
+
+
+def _sample_grid_cases(
+    y_bin: np.ndarray, prob: np.ndarray, threshold: float, per_kind: int = 3
+) -> list[tuple[int, bool]]:
+    """Indices of correct and wrong cases of both classes: the most confident of each kind."""
+    chosen: list[tuple[int, bool]] = []
+    decided = prob >= threshold
+    for cls in (1, 0):
+        for correct in (True, False):
+            mask = (y_bin == cls) & ((decided == (cls == 1)) == correct) & np.isfinite(prob)
+            idx = np.flatnonzero(mask)
+            # confident mistakes and confident successes are the instructive ones
+            order = np.argsort(-np.abs(prob[idx] - threshold))
+            chosen += [(int(i), correct) for i in idx[order][:per_kind]]
+    return chosen
+
+
+def make_plots(
+    run_dir: Path, ds: Any, results: list[Any], arrays: dict[str, np.ndarray], stack: np.ndarray
+) -> dict[str, Path]:
+    metrics = read_json(run_dir / "metrics.json")
+    pdir = run_dir / "plots"
+    pos = ds.task.positive
+    threshold = metrics["operating_point"]["threshold"]
+    y_bin = (ds.targets == pos).astype(int)
+    p_cal = arrays["oof_cal"][0, :, pos]
+    p_raw = arrays["oof_raw"][0, :, pos]
+    out: dict[str, Path] = {}
+    first = [r for r in results if r.plan.repeat == 0]
+    histories = [{k: [h[k] for h in r.history] for k in r.history[0]} for r in first]
+    out["curves"] = plots.plot_training_curves(
+        histories, pdir / "training_curves.png", best_epochs=[r.best_epoch for r in first]
+    )
+    out["roc"] = plots.plot_roc(
+        y_bin, p_cal, pdir / "roc.png", threshold=threshold, fold=arrays["oof_fold"][0]
+    )
+    if ds.task.num_classes == 2:
+        cm = np.asarray(metrics["confusion"])
+        names = list(ds.task.classes)
+    else:
+        cm = np.asarray(metrics["multiclass"]["confusion_matrix"])
+        names = list(ds.task.classes)
+    out["confusion"] = plots.plot_confusion(
+        cm, names, pdir / "confusion.png", title="Confusion matrix (out-of-fold test predictions)"
+    )
+    out["reliability"] = plots.plot_reliability(y_bin, p_raw, p_cal, pdir / "reliability.png")
+    cases = _sample_grid_cases(y_bin, p_cal, threshold)
+    pos_name = ds.task.classes[pos]
+    titles = [
+        f"{ds.samples[i].label} · p({pos_name})={p_cal[i]:.2f}" for i, _ in cases
+    ]
+    out["samples"] = plots.plot_sample_grid(
+        [stack[i].astype(np.float32) / 255.0 for i, _ in cases],
+        titles,
+        [c for _, c in cases],
+        pdir / "sample_predictions.png",
+    )
+    return out
+
+
+def _inline_png(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def render_report(run_dir: Path, plot_paths: dict[str, Path]) -> str:
+    env = Environment(
+        loader=PackageLoader("breastcad", "templates"),
+        autoescape=select_autoescape(["html", "j2"]),
+    )
+    metrics = read_json(run_dir / "metrics.json")
+    audit_text = (run_dir / "audit.txt").read_text(encoding="utf-8")
+    config_text = (run_dir / "config.yaml").read_text(encoding="utf-8")
+    envinfo = read_json(run_dir / "env.json")
+    template = env.get_template("report.html.j2")
+    return template.render(
+        run_name=html.escape(run_dir.name),
+        m=metrics,
+        audit_text=audit_text,
+        config_text=config_text,
+        env=envinfo,
+        images={k: _inline_png(v) for k, v in plot_paths.items()},
+    )
+
+
+def write_report(
+    run_dir: Path, ds: Any, results: list[Any], arrays: dict[str, np.ndarray], stack: np.ndarray
+) -> Path:
+    plot_paths = make_plots(run_dir, ds, results, arrays, stack)
+    return atomic_write_text(run_dir / "report.html", render_report(run_dir, plot_paths))

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from breastcad.config import Config, load_config, valid_keys
+from breastcad.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_yaml_lists_every_setting_with_the_code_defaults() -> None:
+    doc = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    assert doc == Config().to_dict()
+    text = (ROOT / "configs" / "default.yaml").read_text()
+    for key in valid_keys():
+        leaf = key.split(".")[-1]
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"{leaf}:"))
+        assert "#" in line, f"{key} has no comment"
+
+
+def test_overrides_apply_dotted_keys_with_types(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 7\nmodel:\n  width: 16\n")
+    cfg = load_config(f, [("train.lr", "0.01"), ("augment.enabled", False), ("data.path", None)])
+    assert cfg.train.epochs == 7 and cfg.model.width == 16
+    assert cfg.train.lr == pytest.approx(0.01) and isinstance(cfg.train.lr, float)
+    assert cfg.augment.enabled is False and cfg.data.path is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (("train.epoch", 3), "unknown setting 'train.epoch'; valid settings: seed"),
+        (("nope", 1), "unknown setting 'nope'"),
+        (("train.epochs", 2.5), "train.epochs: expected an integer"),
+        (("train.channels_last", "yes"), "expected true or false"),
+        (("cv.folds", 1), "cv.folds must be at least 2"),
+        (("data.task", "cats"), "unknown task 'cats'"),
+        (("train", 3), "train: expected a mapping"),
+    ],
+)
+def test_bad_settings_are_rejected_with_the_reason(override: tuple, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
+
+
+def test_missing_or_broken_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n- not a mapping\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(bad)
