@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from breastcad.errors import printable
 from PIL import Image
 
 from breastcad.errors import BreastcadError
@@ -161,7 +163,9 @@ def assert_clean_error() -> Callable[..., BreastcadError]:
         msg = str(err)
         assert "\n" not in msg and "\r" not in msg, f"multi-line message: {msg!r}"
         if path is not None:
-            assert str(path) in msg, f"path {str(path)!r} missing from {msg!r}"
+            shown = printable(str(path))  # names are shown escaped when not printable
+            assert shown in msg, f"path {shown!r} missing from {msg!r}"
+            msg.encode("utf-8")  # strictly encodable: no surrogates reach the terminal
         for fragment in fragments:
             assert fragment in msg, f"{fragment!r} missing from {msg!r}"
         msg.encode("utf-8", "backslashreplace")  # printable whatever the file name

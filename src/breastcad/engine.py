@@ -131,8 +131,8 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         step += 1
-        loss_sum += float(loss) * len(idx)
-        correct += int((logits.argmax(1) == y).sum())
+        loss_sum += float(loss.detach()) * len(idx)
+        correct += int((logits.detach().argmax(1) == y).sum())
         seen += len(idx)
     stats = EpochStats(
         loss=loss_sum / max(1, seen),

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """A file name as one printable line: control characters and undecodable bytes escaped."""
+    out = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in out)
+
+
 class BreastcadError(Exception):
     """An error caused by the user's input or environment.
 
@@ -17,7 +23,7 @@ class ImageReadError(BreastcadError):
     def __init__(self, path: str, problem: str) -> None:
         self.path = path
         self.problem = problem
-        super().__init__(f"{path}: {problem}")
+        super().__init__(f"{printable(path)}: {problem}")
 
 
 class DataError(BreastcadError):

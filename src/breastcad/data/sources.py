@@ -49,14 +49,23 @@ def load_source(data: str | os.PathLike[str] | None) -> SourceResult:
 
 
 def _descend_wrappers(root: Path) -> Path:
-    """BUSI unzips as busi/Dataset_BUSI_with_GT/<class>/: skip folders that only wrap one folder."""
+    """BUSI unzips as busi/Dataset_BUSI_with_GT/<class>/: skip folders that only wrap one folder.
+
+    A folder wraps when it holds exactly one sub-folder and no images (a README
+    beside it is fine), and that sub-folder itself holds folders but no images;
+    a single class folder full of images is never mistaken for a wrapper.
+    """
     for _ in range(3):
         entries = [e for e in _listdir(root) if not e.name.startswith(".")]
         dirs = [e for e in entries if e.is_dir(follow_symlinks=False)]
-        if len(dirs) == 1 and len(entries) == 1:
-            root = Path(dirs[0].path)
-        else:
+        if len(dirs) != 1 or any(is_image_name(e.name) for e in entries):
             break
+        inner = [e for e in _listdir(Path(dirs[0].path)) if not e.name.startswith(".")]
+        if any(is_image_name(e.name) for e in inner) or not any(
+            e.is_dir(follow_symlinks=False) for e in inner
+        ):
+            break
+        root = Path(dirs[0].path)
     return root
 
 
