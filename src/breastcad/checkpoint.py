@@ -46,7 +46,15 @@ def load_fold_model(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, card
 
 
-def state_bytes(obj: dict[str, Any]) -> bytes:
+def save_resume_state(path: Path, state: dict[str, Any]) -> None:
+    """Optimizer, RNG and loop state; tensors and plain containers only (loads weights_only)."""
     buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_resume_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise BreastcadError(f"{path}: cannot read resume state ({err})") from None

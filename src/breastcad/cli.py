@@ -20,7 +20,8 @@ EXAMPLES_TRAIN = """examples:
   breastcad train                                   # basic CNN, 5-fold grouped CV, bundled BUSI
   breastcad train --data ~/Dataset_BUSI_with_GT --out runs/busi-full
   breastcad train --data manifest.csv --task three-class --folds 10 --repeats 3
-  breastcad train --config configs/fast.yaml --set train.lr=1e-3 --set augment.enabled=false
+  breastcad train --config configs/default.yaml --set train.lr=1e-3 --set augment.enabled=false
+  breastcad train --resume runs/busi-full               # continue after a crash or a kill
 """
 
 EXAMPLES_AUDIT = """examples:
@@ -53,6 +54,11 @@ def _add_train_parser(sub: Any) -> None:
     p.add_argument("--image-size", type=int, help="input size in pixels (default 128)")
     p.add_argument("--keep-conflicts", action="store_true", help="keep conflicting-label groups")
     p.add_argument("--out", help="run folder to write (default runs/<timestamp>-<model>)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue an interrupted run folder with its own config (other settings refused)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -122,6 +128,8 @@ def print_summary(summary: Any) -> None:
     pooled = m["pooled"]
     folds = len(m["per_fold"])
     print()
+    if m.get("leaky_image_split"):
+        print("LEAKY image-level split (duplicate groups ignored): numbers are inflated")
     print(f"Pooled out-of-fold ROC-AUC {_fmt_ci(pooled['roc_auc'])}")
     print(
         f"  {m['task']}, grouped CV ({folds} fold runs), {m['n_images']} images "
@@ -149,6 +157,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from breastcad.config import load_config
     from breastcad.experiment import run_cross_validation
 
+    if args.resume:
+        overrides = _train_overrides(args)
+        if overrides or args.config or args.out:
+            raise BreastcadError("--resume RUN continues RUN with its own config; drop other settings")
+        run_dir = Path(args.resume)
+        cfg = load_config(run_dir / "config.yaml")
+        summary = run_cross_validation(cfg, run_dir, progress=not args.quiet, resume=True)
+        print_summary(summary)
+        return 0
     cfg = load_config(args.config, _train_overrides(args))
     if args.out:
         run_dir = Path(args.out)

@@ -22,6 +22,7 @@ class DataConfig:
     path: str | None = None  # None: the bundled compact BUSI copy
     task: str = "benign-vs-malignant"
     keep_conflicts: bool = False
+    leaky_image_split: bool = False  # demonstration only: every image its own group
     image_size: int = 128
     max_pixels: int = 40_000_000
     cache_dir: str | None = None  # None: $XDG_CACHE_HOME/breastcad or ~/.cache/breastcad
@@ -31,6 +32,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "basic_cnn"
     width: int = 32
+    depth: int = 3
     dense_units: int = 128
     kernel_size: int = 3
     dropout: float = 0.3

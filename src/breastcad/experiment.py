@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from breastcad import __version__
-from breastcad.checkpoint import save_fold_model
+from breastcad.checkpoint import load_resume_state, save_fold_model, save_resume_state
 from breastcad.config import Config
 from breastcad.data.audit import AuditReport, run_audit
 from breastcad.data.cache import PREPROCESS_VERSION, load_stack
@@ -50,6 +50,7 @@ from breastcad.metrics import (
 from breastcad.models import count_parameters, create_model, get_spec
 
 DONE = "DONE"
+RESUME = "resume.pt"
 
 
 @dataclass
@@ -99,7 +100,8 @@ def select_task_samples(audit: AuditReport, cfg: Config) -> Dataset:
     return Dataset(
         samples=chosen,
         targets=targets,
-        groups=[str(s.group) for s in chosen],
+        # The leaky split exists only to show how much it inflates results.
+        groups=[s.path if cfg.data.leaky_image_split else str(s.group) for s in chosen],
         hashes=[audit.file_sha256[s.path] for s in chosen],
         task=task,
     )
@@ -138,6 +140,7 @@ def train_fold(
     num_classes = ds.task.num_classes
     options = {
         "width": cfg.model.width,
+        "depth": cfg.model.depth,
         "kernel_size": cfg.model.kernel_size,
         "dense_units": cfg.model.dense_units,
         "dropout": cfg.model.dropout,
@@ -164,9 +167,25 @@ def train_fold(
 
     best: dict[str, Any] = {"auc": -1.0, "loss": float("inf"), "epoch": -1, "state": None}
     history: list[dict[str, float]] = []
-    step, stale, images_seen, train_seconds = 0, 0, 0, 0.0
+    step, stale, images_seen, train_seconds, start_epoch = 0, 0, 0, 0.0, 0
+    resume_path = fold_dir / RESUME
+    if resume_path.exists():
+        state = load_resume_state(resume_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        best = state["best"]
+        history = state["history"]
+        step, stale, start_epoch = state["step"], state["stale"], state["epoch"]
+        images_seen, train_seconds = state["images_seen"], state["train_seconds"]
+    finished = start_epoch > 0 and (
+        stale >= cfg.train.patience or start_epoch >= cfg.train.epochs
+    )
     bar = tqdm(
-        range(cfg.train.epochs),
+        range(start_epoch, cfg.train.epochs if not finished else start_epoch),
+        initial=start_epoch,
+        total=cfg.train.epochs,
         desc=f"{plan.name} ({len(plan.train)} train / {len(plan.val)} val / {len(plan.test)} test)",
         disable=not progress,
         leave=True,
@@ -208,6 +227,23 @@ def train_fold(
             stale = 0
         else:
             stale += 1
+        # Everything needed to continue exactly here after a crash or a kill.
+        save_resume_state(
+            resume_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "best": best,
+                "history": history,
+                "step": step,
+                "stale": stale,
+                "epoch": epoch + 1,
+                "images_seen": images_seen,
+                "train_seconds": train_seconds,
+            },
+        )
         bar.set_postfix(loss=f"{stats.loss:.3f}", val_auc=f"{val_auc:.3f}", best=best["epoch"])
         if stale >= cfg.train.patience:
             break
@@ -291,6 +327,7 @@ def save_fold_outputs(fold_dir: Path, res: FoldResult, ds: Dataset) -> None:
         },
     )
     atomic_write_text(fold_dir / DONE, "done\n")
+    (fold_dir / RESUME).unlink(missing_ok=True)
 
 
 def load_fold_outputs(fold_dir: Path, plan: FoldPlan) -> FoldResult:
@@ -343,8 +380,8 @@ def write_folds(path: Path, ds: Dataset, plans: list[FoldPlan], cfg: Config) -> 
             "val_fraction": cfg.cv.val_fraction,
             "method": "StratifiedGroupKFold over duplicate/patient groups; inner grouped split",
             "samples": [
-                {"path": s.path, "label": s.label, "target": int(t), "group": g}
-                for s, t, g in zip(ds.samples, ds.targets, ds.groups, strict=True)
+                {"path": s.path, "sha256": h, "label": s.label, "target": int(t), "group": g}
+                for s, t, g, h in zip(ds.samples, ds.targets, ds.groups, ds.hashes, strict=True)
             ],
             "repeats": repeats,
         },
@@ -438,6 +475,7 @@ def summarise(
             "n_bootstrap": cfg.eval.n_bootstrap,
         },
         "limits": LIMITS,
+        "leaky_image_split": cfg.data.leaky_image_split,
     }
     if n_rep > 1:
         aucs = np.array([pr["cis"]["roc_auc"].value for pr in per_repeat])
@@ -485,9 +523,31 @@ def write_oof(path: Path, ds: Dataset, arrays: dict[str, np.ndarray], threshold:
     _write_csv(path, header, rows)
 
 
+def _check_same_folds(path: Path, ds: Dataset, plans: list[FoldPlan], cfg: Config) -> None:
+    """On resume, the data and settings must give exactly the folds the run started with."""
+    saved = read_json(path)
+    fresh_path = path.with_name(".folds-check.json")
+    write_folds(fresh_path, ds, plans, cfg)
+    fresh = read_json(fresh_path)
+    fresh_path.unlink()
+    if saved.get("samples") != fresh["samples"] or saved.get("repeats") != fresh["repeats"]:
+        raise DataError(
+            f"{path}: the data or settings changed since this run started; "
+            "start a new run instead of resuming"
+        )
+
+
 def run_cross_validation(
-    cfg: Config, run_dir: Path, progress: bool = True, log: Any = print
+    cfg: Config, run_dir: Path, progress: bool = True, log: Any = print, resume: bool = False
 ) -> RunSummary:
+    if resume:
+        if not (run_dir / "folds.json").exists():
+            raise DataError(f"{run_dir}: not a run folder that can be resumed (no folds.json)")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise DataError(
+            f"{run_dir}: folder exists and is not empty; continue it with "
+            f"`breastcad train --resume {run_dir}` or choose another --out"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     rt = runtime_settings(cfg.train)
@@ -507,7 +567,10 @@ def run_cross_validation(
     )
     for plan in plans:
         assert_no_group_leak(plan, ds.groups)
-    write_folds(run_dir / "folds.json", ds, plans, cfg)
+    if resume:
+        _check_same_folds(run_dir / "folds.json", ds, plans, cfg)
+    else:
+        write_folds(run_dir / "folds.json", ds, plans, cfg)
     atomic_write_json(run_dir / "env.json", environment(rt))
 
     t0 = time.perf_counter()

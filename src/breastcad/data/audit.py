@@ -326,7 +326,7 @@ class AuditReport:
             rel = path
         return _show(path if rel.startswith("..") else rel)
 
-    def summary_text(self, max_listed: int = 5) -> str:
+    def summary_text(self, max_listed: int = 5, max_conflicts: int = 10) -> str:
         """A short, readable account; the JSON (``to_json_dict``) has every detail."""
         n = len(self.samples)
         lines = [
@@ -367,11 +367,11 @@ class AuditReport:
                 f"Conflicting labels: {len(self.conflict_groups)} group(s), "
                 f"{len(self.conflict_paths())} images left out of training by default"
             )
-            for g in self.conflict_groups[:max_listed]:
+            for g in self.conflict_groups[:max_conflicts]:
                 members = ", ".join(f"{self._rel(s.path)} [{s.label}]" for s in g.members)
                 lines.append(f"  - {g.id}: {members}")
-            if len(self.conflict_groups) > max_listed:
-                more = len(self.conflict_groups) - max_listed
+            if len(self.conflict_groups) > max_conflicts:
+                more = len(self.conflict_groups) - max_conflicts
                 lines.append(f"  ... and {more} more (see the JSON)")
         else:
             lines.append("Conflicting labels: none")
@@ -522,12 +522,18 @@ def _decode_one(sample: Sample, max_pixels: int, settings: NearDupSettings) -> _
         return _Decoded(sample, None, file_sha, [BadFile(sample.path, err.problem)])
     except MemoryError:
         return _Decoded(sample, None, file_sha, [BadFile(sample.path, "out of memory decoding")])
+    except Exception as err:  # a decoder bug must not stop the audit of the other files
+        problem = f"unexpected decoding error ({type(err).__name__}: {err})"
+        return _Decoded(sample, None, file_sha, [BadFile(sample.path, problem)])
     good_masks: list[str] = []
     for mp in sample.mask_paths:
         try:
             read_mask((mp,), arr.shape)
         except ImageReadError as err:
             bad.append(BadFile(mp, f"mask of {_show(sample.path)}: {err.problem}"))
+        except Exception as err:
+            problem = f"mask of {_show(sample.path)}: unexpected decoding error ({err})"
+            bad.append(BadFile(mp, problem))
         else:
             good_masks.append(mp)
     if len(good_masks) != len(sample.mask_paths):
@@ -661,8 +667,8 @@ def _crop_score(
     crop along the other axis). The smaller image, less a 12 % margin on each
     side, is searched over every position inside the larger one; images are
     band-passed (difference of Gaussians) so that only shared fine structure
-    (speckle, edges, text) counts. Same frame: 0.6..1; another frame of the same
-    scene: below 0.3; unrelated: below 0.4 on BUSI.
+    (speckle, edges, text) counts. On BUSI: the same frame 0.7..1, other frames
+    of the same scan 0.1..0.65, unrelated images at most 0.4.
     """
     assert a.reg is not None and b.reg is not None
     (ha, wa), (hb, wb) = a.shape, b.shape

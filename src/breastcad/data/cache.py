@@ -49,11 +49,32 @@ def entry_key(content_sha256: str, size: int) -> str:
 
 
 def _load_entry(path: Path, size: int) -> np.ndarray | None:
+    """The entry's pixels, or None when it is missing or damaged in any way (then rebuilt).
+
+    The .npy header is checked (uint8, C order, ``(size, size)``) before anything
+    is allocated, and the data must be exactly ``size * size`` bytes: a truncated
+    file, a corrupted header claiming a huge shape (``np.load`` would try to
+    allocate it) or a file that is not an .npy at all (``np.load`` opens zip
+    files as archives) all read as a miss instead of crashing the run.
+    """
+    fmt = np.lib.format
     try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
+        with open(path, "rb") as fh:
+            version = fmt.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, fortran, dtype = fmt.read_array_header_2_0(fh)
+            else:
+                return None
+            if shape != (size, size) or fortran or dtype != np.dtype(np.uint8):
+                return None
+            data = fh.read(size * size + 1)
+    except (OSError, ValueError, EOFError, SyntaxError, TypeError, RecursionError):
         return None  # missing or damaged entry: rebuild it
-    return arr if arr.shape == (size, size) and arr.dtype == np.uint8 else None
+    if len(data) != size * size:
+        return None  # truncated (or trailing bytes): not what np.save wrote
+    return np.frombuffer(data, dtype=np.uint8).reshape(size, size).copy()
 
 
 def cached_image(
