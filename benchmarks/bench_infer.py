@@ -230,8 +230,10 @@ def report(args: argparse.Namespace, doc: dict[str, Any], native_bf16: bool) -> 
         [r["source"], r["precision"], r["layout"], r["images_per_s"], r["achieved_flops"] / 1e9]
         for r in doc["rows"]
     ]
-    table.sort(key=lambda r: (r[0] != "files", r[1], r[2]))
-    out.append(common.fmt_table(["source", "precision", "layout", "images/s", "GFLOP/s"], table))
+    table.sort(key=lambda r: (r[0] != "files", r[1] != "fp32", r[2] != "channels-first"))
+    out.append(
+        common.fmt_table(["source", "precision", "layout", "images/s", "GFLOP/s"], table, left=3)
+    )
     cache_rows = [r for r in doc["rows"] if r["source"] == "cache"]
     best = max(cache_rows, key=lambda r: r["images_per_s"])
     files_fp32 = next(

@@ -201,14 +201,15 @@ def write_json(path: str | os.PathLike[str], doc: dict[str, Any]) -> Path:
     return atomic_write_json(path, doc)
 
 
-def fmt_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain aligned text table; the first column left-aligned, the rest right-aligned."""
+def fmt_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
+    """A plain aligned text table: the first ``left`` columns left-aligned, the rest right."""
     cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for k, row in enumerate(cells):
-        parts = [row[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        parts = [
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(parts).rstrip())
         if k == 0:

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from breastcad.errors import printable
 from PIL import Image
 
-from breastcad.errors import BreastcadError
+from breastcad.errors import BreastcadError, printable
 
 
 def _under(tmp_path: Path, name: str | Path) -> Path:

@@ -8,7 +8,9 @@ import numpy as np
 from PIL import Image
 
 
-def lesion_image(rng: np.random.Generator, size: int, malignant: bool) -> tuple[np.ndarray, np.ndarray]:
+def lesion_image(
+    rng: np.random.Generator, size: int, malignant: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """A speckled background with a dark lesion: round for benign, spiky for malignant."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     cy, cx = rng.uniform(0.35, 0.65, 2) * size
@@ -36,5 +38,7 @@ def write_busi_like(
         (root / "normal").mkdir(parents=True, exist_ok=True)
         for i in range(1, normals + 1):
             img = np.clip(0.55 + 0.15 * rng.standard_normal((size, size)), 0, 1)
-            Image.fromarray((img * 255).astype(np.uint8)).save(root / "normal" / f"normal ({i}).png")
+            Image.fromarray((img * 255).astype(np.uint8)).save(
+                root / "normal" / f"normal ({i}).png"
+            )
     return root

@@ -34,7 +34,9 @@ def test_bundled_audit_finds_the_image_under_two_classes(bundled_audit) -> None:
     excluded = {s.path for s in bundled_audit.samples} - {
         s.path for s in bundled_audit.usable_samples()
     }
-    assert any("benign (433)" in p for p in excluded) and any("malignant (145)" in p for p in excluded)
+    assert any("benign (433)" in p for p in excluded) and any(
+        "malignant (145)" in p for p in excluded
+    )
 
 
 def test_train_on_bundled_data_end_to_end(tmp_path: Path) -> None:

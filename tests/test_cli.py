@@ -26,7 +26,9 @@ FAST = [
 ]  # fmt: skip
 
 
-def run_cli(*args: str, cwd: Path | None = None, cache: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, cache: Path | None = None
+) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if cache is not None:
         env["XDG_CACHE_HOME"] = str(cache)
@@ -52,7 +54,9 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+def tiny_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, Path, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("cli")
     data = write_busi_like(tmp / "data", n_per_class=10, size=40, normals=3)
     # plant a duplicate (same pixels, re-saved) and a corrupt file
@@ -130,7 +134,7 @@ def test_report_is_self_contained(tiny_run: tuple) -> None:
     _, run, _ = tiny_run
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5
-    assert "src=\"http" not in html and "Pooled out-of-fold ROC-AUC" in html
+    assert 'src="http' not in html and "Pooled out-of-fold ROC-AUC" in html
 
 
 def test_audit_command_prints_and_writes(tiny_run: tuple, tmp_path: Path) -> None:
@@ -167,7 +171,8 @@ def test_one_class_folder_is_refused(tmp_path: Path) -> None:
         f.unlink()
     (data / "malignant").rmdir()
     assert_clean_error(
-        run_cli("train", "--data", str(data), *FAST, cache=tmp_path / "c"), "only one class (benign)"
+        run_cli("train", "--data", str(data), *FAST, cache=tmp_path / "c"),
+        "only one class (benign)",
     )
 
 
@@ -188,3 +193,22 @@ def test_manifest_missing_column_is_refused(tmp_path: Path) -> None:
 def test_unknown_setting_is_refused_with_valid_keys() -> None:
     proc = run_cli("train", "--set", "train.epoch=3")
     assert_clean_error(proc, "unknown setting 'train.epoch'", "train.epochs")
+
+
+def test_three_class_with_repeats(tmp_path: Path) -> None:
+    data = write_busi_like(tmp_path / "d", n_per_class=8, size=32, normals=8)
+    run = tmp_path / "run"
+    proc = run_cli(
+        "train", "--data", str(data), "--task", "three-class", "--repeats", "2", "--out", str(run),
+        *FAST, cache=tmp_path / "c",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(malignant vs rest)" in proc.stdout and "AUC over 2 repeats" in proc.stdout
+    rows = list(csv.DictReader((run / "oof_predictions.csv").open()))
+    assert len(rows) == 2 * 24 and {r["repeat"] for r in rows} == {"0", "1"}
+    for r in rows:
+        probs = [float(r[f"prob_{c}"]) for c in ("normal", "benign", "malignant")]
+        assert abs(sum(probs) - 1) < 1e-4
+    assert (run / "repeat-1" / "fold-1" / "DONE").exists()
+    m = json.loads((run / "metrics.json").read_text())
+    assert len(m["multiclass"]["confusion_matrix"]) == 3 and m["repeats"]["n"] == 2

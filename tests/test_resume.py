@@ -113,7 +113,9 @@ def test_resume_refuses_changed_data_and_extra_settings(
     data_and_reference: tuple[Path, Path, float], tmp_path: Path
 ) -> None:
     data, ref, _ = data_and_reference
-    proc = subprocess.run(_cmd("--resume", str(ref), "--epochs", "3"), capture_output=True, text=True)
+    proc = subprocess.run(
+        _cmd("--resume", str(ref), "--epochs", "3"), capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "drop other settings" in proc.stderr
     proc = subprocess.run(_cmd("--out", str(ref), *ARGS), capture_output=True, text=True)
     assert proc.returncode == 2 and "--resume" in proc.stderr

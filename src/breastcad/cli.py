@@ -130,7 +130,8 @@ def print_summary(summary: Any) -> None:
     print()
     if m.get("leaky_image_split"):
         print("LEAKY image-level split (duplicate groups ignored): numbers are inflated")
-    print(f"Pooled out-of-fold ROC-AUC {_fmt_ci(pooled['roc_auc'])}")
+    what = "" if len(m["classes"]) == 2 else f" ({m['positive_class']} vs rest)"
+    print(f"Pooled out-of-fold ROC-AUC{what} {_fmt_ci(pooled['roc_auc'])}")
     print(
         f"  {m['task']}, grouped CV ({folds} fold runs), {m['n_images']} images "
         f"in {m['n_groups']} duplicate groups"
@@ -160,7 +161,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         overrides = _train_overrides(args)
         if overrides or args.config or args.out:
-            raise BreastcadError("--resume RUN continues RUN with its own config; drop other settings")
+            raise BreastcadError(
+                "--resume RUN continues RUN with its own config; drop other settings"
+            )
         run_dir = Path(args.resume)
         cfg = load_config(run_dir / "config.yaml")
         summary = run_cross_validation(cfg, run_dir, progress=not args.quiet, resume=True)

@@ -46,9 +46,7 @@ def runtime_settings(cfg: TrainConfig) -> Runtime:
     else:
         device = torch.device(cfg.device)
     if cfg.bf16 == "auto":
-        bf16 = (
-            torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
-        )
+        bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
     else:
         bf16 = cfg.bf16 == "on"
     if device.type == "cpu":

@@ -179,9 +179,7 @@ def train_fold(
         history = state["history"]
         step, stale, start_epoch = state["step"], state["stale"], state["epoch"]
         images_seen, train_seconds = state["images_seen"], state["train_seconds"]
-    finished = start_epoch > 0 and (
-        stale >= cfg.train.patience or start_epoch >= cfg.train.epochs
-    )
+    finished = start_epoch > 0 and (stale >= cfg.train.patience or start_epoch >= cfg.train.epochs)
     bar = tqdm(
         range(start_epoch, cfg.train.epochs if not finished else start_epoch),
         initial=start_epoch,

@@ -42,7 +42,9 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
+        raise ConfigError(
+            f"unknown model {name!r}; available: {', '.join(list_models())}"
+        ) from None
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 1, **options: Any) -> nn.Module:
@@ -76,7 +78,8 @@ class BasicCNN(nn.Module):
         layers: list[nn.Module] = []
         c_in = in_chans
         for i in range(depth):
-            c_out = width * 2**i
+            # widths double per block up to 8x the first, which bounds the cost of deep variants
+            c_out = width * 2 ** min(i, 3)
             layers += [
                 nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False),
                 nn.BatchNorm2d(c_out),

@@ -61,9 +61,7 @@ def make_plots(
     out["reliability"] = plots.plot_reliability(y_bin, p_raw, p_cal, pdir / "reliability.png")
     cases = _sample_grid_cases(y_bin, p_cal, threshold)
     pos_name = ds.task.classes[pos]
-    titles = [
-        f"{ds.samples[i].label} · p({pos_name})={p_cal[i]:.2f}" for i, _ in cases
-    ]
+    titles = [f"{ds.samples[i].label} · p({pos_name})={p_cal[i]:.2f}" for i, _ in cases]
     out["samples"] = plots.plot_sample_grid(
         [stack[i].astype(np.float32) / 255.0 for i, _ in cases],
         titles,

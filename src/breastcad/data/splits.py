@@ -60,7 +60,7 @@ def make_folds(
     val_fraction: float = 0.2,
     repeats: int = 1,
 ) -> list[FoldPlan]:
-    """Outer grouped k-fold (``repeats`` times with seeds ``seed + r``), each with an inner split."""
+    """Outer grouped k-fold, ``repeats`` times (seeds ``seed + r``), each with an inner split."""
     y = np.asarray(targets)
     codes = _group_codes(groups)
     _check_enough_groups(y, codes, n_folds, "the dataset")
