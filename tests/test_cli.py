@@ -212,3 +212,13 @@ def test_three_class_with_repeats(tmp_path: Path) -> None:
     assert (run / "repeat-1" / "fold-1" / "DONE").exists()
     m = json.loads((run / "metrics.json").read_text())
     assert len(m["multiclass"]["confusion_matrix"]) == 3 and m["repeats"]["n"] == 2
+
+
+def test_unwritable_output_is_one_clear_line(tiny_run: tuple, tmp_path: Path) -> None:
+    data, _, _ = tiny_run
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file where the run folder should go")
+    proc = run_cli("train", "--data", str(data), "--out", str(blocker / "r"), *FAST)
+    assert_clean_error(proc, "cannot create folder")
+    proc = run_cli("train", "--data", str(data), "--out", "/dev/full/run", *FAST)
+    assert_clean_error(proc, "/dev/full")

@@ -37,7 +37,7 @@ from breastcad.data.splits import FoldPlan, assert_no_group_leak, make_folds
 from breastcad.engine import Runtime, predict_logits, runtime_settings, train_one_epoch
 from breastcad.envinfo import environment
 from breastcad.errors import DataError
-from breastcad.io import atomic_write_json, atomic_write_text, read_json
+from breastcad.io import atomic_write_json, atomic_write_text, ensure_dir, read_json
 from breastcad.metrics import (
     apply_temperature,
     binary_metrics,
@@ -541,12 +541,12 @@ def run_cross_validation(
     if resume:
         if not (run_dir / "folds.json").exists():
             raise DataError(f"{run_dir}: not a run folder that can be resumed (no folds.json)")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
         raise DataError(
             f"{run_dir}: folder exists and is not empty; continue it with "
             f"`breastcad train --resume {run_dir}` or choose another --out"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(run_dir)
     atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     rt = runtime_settings(cfg.train)
     if cfg.train.deterministic:
@@ -593,7 +593,7 @@ def run_cross_validation(
             results.append(load_fold_outputs(fold_dir, plan))
             log(f"{plan.name}: already done, reusing its predictions")
             continue
-        fold_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(fold_dir)
         res = train_fold(cfg, ds, images, plan, rt, fold_dir, progress)
         save_fold_outputs(fold_dir, res, ds)
         results.append(res)

@@ -54,6 +54,16 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return path
 
 
+def ensure_dir(path: str | os.PathLike[str]) -> Path:
+    """mkdir -p with a one-line error (e.g. a file where a folder should be, no permission)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BreastcadError(f"{path}: cannot create folder ({err.strerror or err})") from None
+    return path
+
+
 def _fsync_dir(folder: Path) -> None:
     # Makes the rename itself durable; not every filesystem allows it.
     try:

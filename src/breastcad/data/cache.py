@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from breastcad.data.imageio import DEFAULT_MAX_PIXELS, read_image
-from breastcad.io import atomic_write_bytes
+from breastcad.io import atomic_write_bytes, ensure_dir
 
 # Bump when the resize or intensity rule changes: old entries are then unused.
 PREPROCESS_VERSION = "stretch-bilinear-v1"
@@ -100,7 +100,7 @@ def load_stack(
 ) -> np.ndarray:
     """All images as one (N, size, size) uint8 array, decoding only cache misses."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    ensure_dir(root)
     out = np.empty((len(paths), size, size), dtype=np.uint8)
 
     def fill(i: int) -> None:
