@@ -221,7 +221,7 @@ def report(args: argparse.Namespace, doc: dict[str, Any], native_bf16: bool) -> 
         f"bench_infer: {args.model}, {args.size} px, batch {args.batch}, {n} images, "
         f"{m['torch_threads']} threads, tta {'on' if args.tta else 'off'}",
         f"CPU: {m['cpu']} ({m['cores']} cores, native bf16: {'yes' if native_bf16 else 'no'}), "
-        f"torch {m['torch']}; load average at start {m['load_average_at_start'][0]:.2f}",
+        f"torch {m['torch']}; load average at start {m['load1_at_start']:.2f}",
         f"forward {doc['forward_flops_per_image'] / 1e9:.3f} GFLOP/image (FlopCounterMode: "
         "2 FLOPs per multiply-add); random weights, batch-norm statistics calibrated",
         "",

@@ -318,12 +318,11 @@ def derive(row: dict[str, Any], peak: dict[str, Any]) -> dict[str, Any]:
 
 
 def ratios(ours: dict[str, Any], naive: dict[str, Any]) -> dict[str, float]:
-    return {
-        "images_per_s": ours["images_per_s"] / naive["images_per_s"],
-        "data_wait_share": ours["data_wait_share"] / naive["data_wait_share"],
-        "peak_rss": ours["peak_rss_mb"] / naive["peak_rss_mb"],
-        "achieved_flops": ours["achieved_flops"] / naive["achieved_flops"],
-    }
+    def ratio(key: str) -> float:
+        return ours[key] / naive[key] if naive[key] else float("nan")
+
+    keys = ("images_per_s", "data_wait_share", "peak_rss_mb", "achieved_flops")
+    return {k: ratio(k) for k in keys}
 
 
 def report(args: argparse.Namespace, doc: dict[str, Any]) -> str:
@@ -334,7 +333,7 @@ def report(args: argparse.Namespace, doc: dict[str, Any]) -> str:
         f"bench_train: {args.model}, {args.size} px, batch {args.batch}, {args.steps} timed steps "
         f"(+{args.warmup} warm-up), {n_data} images (benign+malignant), {pk['threads']} threads",
         f"CPU: {m['cpu']} ({m['cores']} cores, native bf16: {'yes' if m['cpu_bf16'] else 'no'}), "
-        f"torch {m['torch']}; load average at start {m['load_average_at_start'][0]:.2f}",
+        f"torch {m['torch']}; load average at start {m['load1_at_start']:.2f}",
         f"peak matmul {pk['matmul_n']}x{pk['matmul_n']}: fp32 {pk['peak_fp32_flops'] / g:.1f} "
         f"GFLOP/s, bf16 {pk['peak_bf16_flops'] / g:.1f} GFLOP/s",
         f"model: {pk['parameters']:,} parameters, forward {pk['forward_flops_per_image'] / g:.3f} "
@@ -365,7 +364,7 @@ def report(args: argparse.Namespace, doc: dict[str, Any]) -> str:
     for name, rat in doc["ratios"].items():
         out.append(
             f"breastcad / {name}: {rat['images_per_s']:.2f}x images/s, "
-            f"{rat['achieved_flops']:.2f}x FLOP/s, {rat['peak_rss']:.2f}x peak RSS, "
+            f"{rat['achieved_flops']:.2f}x FLOP/s, {rat['peak_rss_mb']:.2f}x peak RSS, "
             f"data wait {100 * ours['data_wait_share']:.0f}% vs "
             f"{100 * next(r for r in rows if r['pipeline'] == name)['data_wait_share']:.0f}%"
         )

@@ -222,3 +222,23 @@ def test_unwritable_output_is_one_clear_line(tiny_run: tuple, tmp_path: Path) ->
     assert_clean_error(proc, "cannot create folder")
     proc = run_cli("train", "--data", str(data), "--out", "/dev/full/run", *FAST)
     assert_clean_error(proc, "/dev/full")
+
+
+def test_class_folder_with_one_image_is_refused(tmp_path: Path) -> None:
+    data = write_busi_like(tmp_path / "d", n_per_class=6, size=32)
+    for f in sorted((data / "malignant").iterdir())[2:]:
+        f.unlink()  # leaves one image and its mask
+    proc = run_cli("train", "--data", str(data), *FAST, cache=tmp_path / "c")
+    assert_clean_error(proc, "class 1 has only 1 independent image group", "lower --folds")
+
+
+def test_empty_dataset_after_exclusions_is_refused(tmp_path: Path) -> None:
+    """Every image is a duplicate stored under both classes: nothing is left to train on."""
+    data = write_busi_like(tmp_path / "d", n_per_class=3, size=32)
+    for f in (data / "malignant").iterdir():
+        f.unlink()
+    for f in (data / "benign").glob("*.png"):
+        if "_mask" not in f.name:
+            (data / "malignant" / f.name.replace("benign", "malignant")).write_bytes(f.read_bytes())
+    proc = run_cli("train", "--data", str(data), *FAST, cache=tmp_path / "c")
+    assert_clean_error(proc, "no images with labels benign, malignant")

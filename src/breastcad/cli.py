@@ -53,6 +53,12 @@ def _add_train_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--image-size", type=int, help="input size in pixels (default 128)")
     p.add_argument("--keep-conflicts", action="store_true", help="keep conflicting-label groups")
+    p.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="deterministic algorithms: same seed, same predictions (default: on)",
+    )
     p.add_argument("--out", help="run folder to write (default runs/<timestamp>-<model>)")
     p.add_argument(
         "--resume",
@@ -111,6 +117,7 @@ def _train_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
         "train.epochs": args.epochs,
         "seed": args.seed,
         "data.image_size": args.image_size,
+        "train.deterministic": args.deterministic,
     }
     pairs += [(k, v) for k, v in flags.items() if v is not None]
     if args.keep_conflicts:
