@@ -53,6 +53,8 @@ def cores() -> int:
 
 
 def cpu_model() -> str:
+    # Same as breastcad.envinfo.cpu_model, which cannot be imported here: it imports torch,
+    # and the parent process must stay torch-free so children's peak RSS is their own.
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:

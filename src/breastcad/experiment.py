@@ -171,6 +171,8 @@ def train_fold(
     resume_path = fold_dir / RESUME
     if resume_path.exists():
         state = load_resume_state(resume_path)
+        if state.get("fold_name") != plan.name or state.get("seed") != seed:
+            raise DataError(f"{resume_path}: resume state of another fold or seed; remove it")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
@@ -229,6 +231,8 @@ def train_fold(
         save_resume_state(
             resume_path,
             {
+                "fold_name": plan.name,
+                "seed": seed,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "generator": gen.get_state(),
