@@ -141,7 +141,7 @@ def print_summary(summary: Any) -> None:
     print(f"Pooled out-of-fold ROC-AUC{what} {_fmt_ci(pooled['roc_auc'])}")
     print(
         f"  {m['task']}, grouped CV ({folds} fold runs), {m['n_images']} images "
-        f"in {m['n_groups']} duplicate groups"
+        f"in {m['n_groups']} groups (duplicates kept together)"
     )
     print(
         f"Operating point (target sensitivity {op['target_sensitivity']:.2f}, "

@@ -32,7 +32,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "basic_cnn"
     width: int = 32
-    depth: int = 3
+    depth: int = 5
     dense_units: int = 128
     kernel_size: int = 3
     dropout: float = 0.3
@@ -49,15 +49,15 @@ class CVConfig:
 class AugmentConfig:
     enabled: bool = True
     hflip: float = 0.5
-    rotate_deg: float = 20.0
-    shear_deg: float = 10.0
-    scale_min: float = 0.85
-    scale_max: float = 1.15
-    translate: float = 0.08
-    brightness: float = 0.15
-    contrast: float = 0.2
-    gamma: float = 0.2
-    speckle: float = 0.15
+    rotate_deg: float = 10.0
+    shear_deg: float = 5.0
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    translate: float = 0.05
+    brightness: float = 0.1
+    contrast: float = 0.1
+    gamma: float = 0.1
+    speckle: float = 0.05
 
 
 @dataclass

@@ -246,7 +246,7 @@ def plot_training_curves(
                 ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
 
             fold_handles = [
-                Line2D([], [], color=colors[i], lw=2.5, label=f"fold {i + 1}")
+                Line2D([], [], color=colors[i], lw=2.5, label=f"fold {i}")
                 for i in range(len(histories))
             ]
             style_handles = []
