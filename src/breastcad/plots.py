@@ -648,6 +648,7 @@ def plot_sample_grid(
     correct: list[bool],
     out: PathLike,
     ncols: int = 6,
+    heading: str | None = None,
 ) -> Path:
     """Grid of grayscale images in [0, 1], each titled, framed green (correct) or red.
 
@@ -696,7 +697,7 @@ def plot_sample_grid(
                 ax.set_title(_wrap_title(str(titles[k])), fontsize=9, color="black")
             n_ok = int(sum(bool(c) for c in correct))
             fig.suptitle(
-                f"{n_ok}/{n} correct  (green frame = correct, red frame = wrong)",
+                f"{heading or f'{n_ok}/{n} correct'}  (green frame = correct, red frame = wrong)",
                 fontsize=11,
             )
         except BaseException:

@@ -67,6 +67,7 @@ def make_plots(
         titles,
         [c for _, c in cases],
         pdir / "sample_predictions.png",
+        heading="Most confident correct and wrong out-of-fold predictions, both classes",
     )
     return out
 
