@@ -62,7 +62,7 @@ def test_kill_anywhere_then_resume_gives_identical_results(
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
-        if not (run / "folds.json").exists():  # killed before the run folder existed
+        if not (run / "config.yaml").exists():  # killed before the run folder was started
             proc2 = subprocess.run(
                 _cmd("--data", str(data), "--out", str(run), *ARGS),
                 capture_output=True, text=True, env=_env(tmp_path / "cache"), timeout=300,

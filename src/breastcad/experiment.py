@@ -543,8 +543,8 @@ def run_cross_validation(
     cfg: Config, run_dir: Path, progress: bool = True, log: Any = print, resume: bool = False
 ) -> RunSummary:
     if resume:
-        if not (run_dir / "folds.json").exists():
-            raise DataError(f"{run_dir}: not a run folder that can be resumed (no folds.json)")
+        if not (run_dir / "config.yaml").exists():
+            raise DataError(f"{run_dir}: not a run folder that can be resumed (no config.yaml)")
     elif run_dir.is_dir() and any(run_dir.iterdir()):
         raise DataError(
             f"{run_dir}: folder exists and is not empty; continue it with "
@@ -569,9 +569,9 @@ def run_cross_validation(
     )
     for plan in plans:
         assert_no_group_leak(plan, ds.groups)
-    if resume:
+    if resume and (run_dir / "folds.json").exists():
         _check_same_folds(run_dir / "folds.json", ds, plans, cfg)
-    else:
+    else:  # a new run, or one killed before its folds were written
         write_folds(run_dir / "folds.json", ds, plans, cfg)
     atomic_write_json(run_dir / "env.json", environment(rt))
 
