@@ -42,6 +42,7 @@ from breastcad.metrics import (
     apply_temperature,
     binary_metrics,
     bootstrap_metrics,
+    classification_report_text,
     fit_temperature,
     multiclass_metrics,
     threshold_for_sensitivity,
@@ -105,11 +106,6 @@ def select_task_samples(audit: AuditReport, cfg: Config) -> Dataset:
         hashes=[audit.file_sha256[s.path] for s in chosen],
         task=task,
     )
-
-
-def _binary_view(ds: Dataset, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positive-class targets and probabilities (malignant vs the rest for three-class)."""
-    return (ds.targets == ds.task.positive).astype(int), probs[:, ds.task.positive]
 
 
 def _auc_or_nan(y: np.ndarray, p: np.ndarray) -> float:
@@ -490,8 +486,6 @@ def summarise(
     if ds.task.num_classes > 2:
         mc = multiclass_metrics(ds.targets, oof_cal[0], list(ds.task.classes))
         metrics["multiclass"] = to_dict(mc)
-    from breastcad.metrics import classification_report_text
-
     decision = (oof_cal[0, :, pos] >= threshold).astype(int)
     if ds.task.num_classes == 2:
         metrics["classification_report"] = classification_report_text(
@@ -610,7 +604,7 @@ def run_cross_validation(
         "train_images_per_second": float(np.mean([r.images_per_second for r in results])),
     }
     atomic_write_json(run_dir / "metrics.json", metrics)
-    from breastcad.report import write_report
+    from breastcad.report import write_report  # imports matplotlib: only when a report is due
 
     write_report(run_dir, ds, results, arrays, stack)
     return RunSummary(
