@@ -141,7 +141,12 @@ def print_summary(summary: Any) -> None:
     print(f"Pooled out-of-fold ROC-AUC{what} {_fmt_ci(pooled['roc_auc'])}")
     print(
         f"  {m['task']}, grouped CV ({folds} fold runs), {m['n_images']} images "
-        f"in {m['n_groups']} groups (duplicates kept together)"
+        f"in {m['n_groups']} groups"
+        + (
+            " (every image its own group)"
+            if m.get("leaky_image_split")
+            else " (duplicates kept together)"
+        )
     )
     print(
         f"Operating point (target sensitivity {op['target_sensitivity']:.2f}, "
