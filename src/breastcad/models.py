@@ -56,9 +56,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 class BasicCNN(nn.Module):
-    """The study's basic CNN (three conv blocks, then dense layers), modernised.
+    """The study's basic CNN (conv blocks, then dense layers), modernised.
 
-    Each block is conv -> batch norm -> ReLU -> max-pool, widths doubling; the
+    The study used three blocks (``depth=3``); the default of five sees whole
+    lesions (see docs/model.md). Each block is conv -> batch norm -> ReLU ->
+    max-pool, widths doubling; the
     study's Flatten is replaced by global average pooling (far fewer weights
     to overfit 500 images, and any input size works), then one dense layer
     with dropout and the classifier.
@@ -69,7 +71,7 @@ class BasicCNN(nn.Module):
         num_classes: int,
         in_chans: int = 1,
         width: int = 32,
-        depth: int = 3,
+        depth: int = 5,
         kernel_size: int = 3,
         dense_units: int = 128,
         dropout: float = 0.3,
@@ -107,6 +109,6 @@ register(
         build=BasicCNN,
         input_size=128,
         gradcam_layer="features",
-        description="the study's 3-block CNN with batch norm and global pooling, from scratch",
+        description="the study's basic CNN (5 blocks by default, 3 in the study), from scratch",
     )
 )
