@@ -578,9 +578,12 @@ def run_cross_validation(
         cfg.data.max_pixels,
     )
     images = torch.from_numpy(stack)
+    per_class = ", ".join(
+        f"{c}: {int((ds.targets == i).sum())}" for i, c in enumerate(ds.task.classes)
+    )
     log(
-        f"{len(ds.samples)} images ({', '.join(f'{c}: {int((ds.targets == i).sum())}' for i, c in enumerate(ds.task.classes))}) "  # noqa: E501
-        f"in {len(set(ds.groups))} groups, {cfg.data.image_size} px, loaded in "
+        f"{len(ds.samples)} images ({per_class}) in {len(set(ds.groups))} groups, "
+        f"{cfg.data.image_size} px, loaded in "
         f"{time.perf_counter() - t0:.1f} s; device {rt.device}, bf16 {'on' if rt.bf16 else 'off'}"
     )
 
