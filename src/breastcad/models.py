@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ def create_model(
     name: str,
     num_classes: int,
     in_chans: int = 1,
-    pretrained: str | None = None,
+    pretrained: str | os.PathLike[str] | None = None,
     freeze_backbone: bool = False,
     **options: Any,
 ) -> nn.Module:
@@ -321,10 +322,11 @@ def _densenet201(num_classes: int) -> nn.Module:
 def _densenet_legacy_keys(state: StateDict) -> StateDict:
     """torchvision's DenseNet checkpoints name layers ``norm.1``; the modules are ``norm1``.
 
-    The same rewrite as ``torchvision.models.densenet._load_state_dict``.
+    The rewrite of ``torchvision.models.densenet._load_state_dict``, extended to
+    ``num_batches_tracked``.
     """
     pattern = re.compile(
-        r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+        r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
     )
     out: StateDict = {}
     for key, value in state.items():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -103,14 +104,16 @@ def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
     except IsADirectoryError:
         raise BreastcadError(f"{where}: is a directory, not a weights file") from None
     except pickle.UnpicklingError as err:
-        if str(err).startswith("Weights only load failed"):
+        text = str(err)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:
             raise BreastcadError(
-                f"{where}: refused: not a plain state dict (it holds pickled objects other "
-                "than tensors); save model.state_dict() instead"
+                f"{where}: refused: not a plain state dict (it holds a pickled "
+                f"{printable(found.group(1))}, not only tensors); save model.state_dict() instead"
             ) from None
-        raise BreastcadError(
-            f"{where}: not a readable PyTorch weights file ({_first_line(err)})"
-        ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        reason = printable(detail.group(1).strip()) if detail else _first_line(err)
+        raise BreastcadError(f"{where}: not a readable PyTorch weights file ({reason})") from None
     except Exception as err:  # torch.load and safetensors raise many error types
         raise BreastcadError(
             f"{where}: not a readable PyTorch weights file ({_first_line(err)})"
@@ -144,26 +147,22 @@ def _first_line(err: BaseException) -> str:
 def adapt_first_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     """First-conv weights ``(out, c, kh, kw)`` adapted to ``in_chans`` input channels.
 
-    ``in_chans == 1``: the filters are *summed* over the input channels. A gray
-    image ``x`` given to the RGB network as ``(x, x, x)`` produces
-    ``sum_c W_c * x``, so the summed filter is exactly the pretrained network
-    looking at the gray image replicated into three channels: activations keep
-    the scale the later layers (and their batch-norm statistics) were trained on,
-    provided the gray image is normalised like one ImageNet channel (mean about
-    0.45, std about 0.23). Averaging instead would shrink them about threefold.
-    Other channel counts repeat the filters cyclically and scale them by
-    ``c / in_chans``, which keeps the same property for a replicated input.
+    The filters are *summed* over the input channels. A gray image ``x`` given to
+    the RGB network as ``(x, x, x)`` produces ``sum_c W_c * x``, so for
+    ``in_chans == 1`` the summed filter is exactly the pretrained network looking
+    at the gray image replicated into three channels: activations keep the scale
+    the later layers (and their batch-norm statistics) were trained on, provided
+    the gray image is normalised like one ImageNet channel (mean about 0.45, std
+    about 0.23). Averaging instead would shrink them about threefold. For other
+    channel counts every new channel gets ``sum_c W_c / in_chans``, which keeps
+    the same property for an input replicated into ``in_chans`` channels.
     """
     c = weight.shape[1]
     if c == in_chans:
         return weight
     dtype = weight.dtype
-    w = weight.float()
-    if in_chans == 1:
-        out = w.sum(dim=1, keepdim=True)
-    else:
-        reps = -(-in_chans // c)
-        out = w.repeat(1, reps, 1, 1)[:, :in_chans] * (c / in_chans)
+    total = weight.float().sum(dim=1, keepdim=True)
+    out = total if in_chans == 1 else (total / in_chans).repeat(1, in_chans, 1, 1)
     return out.to(dtype)
 
 
