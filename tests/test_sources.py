@@ -252,8 +252,7 @@ def test_non_utf8_file_name_is_listed(make_tree):
 def test_bundled_busi_copy():
     from breastcad.data.sources import bundled_busi_path
 
-    if not bundled_busi_path().is_dir():
-        pytest.skip("bundled BUSI copy not present")
+    assert bundled_busi_path().is_dir(), "the package must ship its BUSI copy"
     r = load_source(None)
     assert r.kind == "busi-folders"
     assert r.root == str(bundled_busi_path())
