@@ -392,7 +392,7 @@ LIMITS = [
     "The decision threshold is chosen on inner-validation predictions that also chose the "
     "epoch; its sensitivity on the test folds is reported as measured, not as targeted.",
     "All images come from one hospital and scanner family; cross-validated results do not "
-    "show how the model transfers to another site (use `breastcad evaluate`).",
+    "show how the model transfers to another site; that needs an external test set.",
 ]
 
 
