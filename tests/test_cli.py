@@ -242,3 +242,36 @@ def test_empty_dataset_after_exclusions_is_refused(tmp_path: Path) -> None:
             (data / "malignant" / f.name.replace("benign", "malignant")).write_bytes(f.read_bytes())
     proc = run_cli("train", "--data", str(data), *FAST, cache=tmp_path / "c")
     assert_clean_error(proc, "no images with labels benign, malignant")
+
+
+def test_predict_matches_the_run_and_skips_bad_files(tiny_run: tuple, tmp_path: Path) -> None:
+    """A fold model predicting its own test images reproduces the run's out-of-fold numbers."""
+    data, run, _ = tiny_run
+    oof = {r["path"]: r for r in csv.DictReader((run / "oof_predictions.csv").open())}
+    per_fold = {}
+    for k in (0, 1):
+        out = tmp_path / f"fold{k}.csv"
+        proc = run_cli("predict", str(run), str(data), "--fold", str(k), "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        assert (
+            "skipped" in proc.stderr and "broken.png: not a recognised image format" in proc.stderr
+        )
+        per_fold[k] = {r["path"]: float(r["prob"]) for r in csv.DictReader(out.open())}
+        for path, row in oof.items():
+            if int(row["fold"]) == k:
+                assert abs(per_fold[k][path] - float(row["prob"])) < 2e-3, path
+    out = tmp_path / "ensemble.csv"
+    proc = run_cli("predict", str(run), str(data), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 24  # 10 + 10 + the planted copy + 3 normal images; no masks
+    threshold = json.loads((run / "metrics.json").read_text())["operating_point"]["threshold"]
+    for r in rows:
+        mean = (per_fold[0][r["path"]] + per_fold[1][r["path"]]) / 2
+        assert abs(float(r["prob"]) - mean) < 2e-3
+        assert r["decision"] == ("malignant" if float(r["prob"]) >= threshold else "benign")
+        assert "basic_cnn x2" in r["model"]
+
+
+def test_predict_refuses_what_is_not_a_model(tmp_path: Path) -> None:
+    assert_clean_error(run_cli("predict", str(tmp_path), "x.png"), "not a finished run folder")

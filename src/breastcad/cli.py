@@ -68,6 +68,29 @@ def _add_train_parser(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+EXAMPLES_PREDICT = """examples:
+  breastcad predict runs/demo ~/scans/case17.png          # the run's fold ensemble
+  breastcad predict runs/demo ~/scans/ --out preds.csv     # every image in a folder
+  breastcad predict runs/demo/fold-2 case17.dcm            # one fold model alone
+"""
+
+
+def _add_predict_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="probabilities and decisions from a trained run",
+        description="Predict with a run (the ensemble of its fold models, calibrated, with the "
+        "run's threshold) or with one fold folder. Unreadable files are listed with the "
+        "reason; the others are still predicted.",
+        epilog=EXAMPLES_PREDICT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="run folder or fold folder")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
+    p.add_argument("--fold", type=int, help="use only fold K of the run")
+    p.add_argument("--out", help="write the predictions as CSV to this file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="breastcad",
@@ -89,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--out", help="write the full audit as JSON to this file")
     pa.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_train_parser(sub)
+    _add_predict_parser(sub)
     return parser
 
 
@@ -192,7 +216,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"audit": cmd_audit, "train": cmd_train}
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+    import io
+
+    from breastcad.config import TrainConfig
+    from breastcad.engine import runtime_settings
+    from breastcad.errors import printable
+    from breastcad.io import atomic_write_text
+    from breastcad.predict import expand_inputs, load_ensemble, predict_images
+
+    ens = load_ensemble(args.model, args.fold)
+    paths = expand_inputs(args.images)
+    rows, bad = predict_images(ens, paths, runtime_settings(TrainConfig()))
+    for b in bad:
+        print(f"skipped {printable(b.path)}: {b.problem}", file=sys.stderr)
+    if not rows:
+        raise BreastcadError(f"no readable image among {len(paths)} input(s)")
+    model = f"{ens.card['architecture']} x{len(ens.models)} ({ens.source})"
+    header = list(rows[0]) + ["threshold", "model"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    for r in rows:
+        writer.writerow([*(f"{v:.6f}" if isinstance(v, float) else v for v in r.values()),
+                         f"{ens.threshold:.6f}", model])  # fmt: skip
+    if args.out:
+        atomic_write_text(args.out, buf.getvalue())
+        print(f"{len(rows)} prediction(s) written to {args.out}; {len(bad)} skipped")
+    else:
+        pos = ens.card["positive_class"]
+        for r in rows:
+            print(f"{printable(r['path'])}\tp({pos})={r['prob']:.3f}\t{r['decision']}")
+    return 0
+
+
+COMMANDS = {"audit": cmd_audit, "train": cmd_train, "predict": cmd_predict}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
