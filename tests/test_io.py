@@ -70,3 +70,11 @@ def test_read_json_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(BreastcadError, match="cannot read JSON") as err:
         bio.read_json(bad)
     assert "\n" not in str(err.value)
+
+
+def test_stale_temp_files_are_removed_and_finished_files_kept(tmp_path: Path) -> None:
+    done = bio.atomic_write_text(tmp_path / "fold-0" / "history.csv", "epoch\n1\n")
+    stale = tmp_path / "fold-0" / ".resume.pt.abc123.tmp"
+    stale.write_bytes(b"half a write")
+    assert bio.remove_stale_temp_files(tmp_path) == 1
+    assert not stale.exists() and done.read_text() == "epoch\n1\n"

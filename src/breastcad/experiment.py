@@ -37,7 +37,13 @@ from breastcad.data.splits import FoldPlan, assert_no_group_leak, make_folds
 from breastcad.engine import Runtime, predict_logits, runtime_settings, train_one_epoch
 from breastcad.envinfo import environment
 from breastcad.errors import DataError
-from breastcad.io import atomic_write_json, atomic_write_text, ensure_dir, read_json
+from breastcad.io import (
+    atomic_write_json,
+    atomic_write_text,
+    ensure_dir,
+    read_json,
+    remove_stale_temp_files,
+)
 from breastcad.metrics import (
     apply_temperature,
     binary_metrics,
@@ -539,12 +545,13 @@ def run_cross_validation(
     if resume:
         if not (run_dir / "config.yaml").exists():
             raise DataError(f"{run_dir}: not a run folder that can be resumed (no config.yaml)")
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
+    elif run_dir.is_dir() and any(not p.name.endswith(".tmp") for p in run_dir.iterdir()):
         raise DataError(
             f"{run_dir}: folder exists and is not empty; continue it with "
             f"`breastcad train --resume {run_dir}` or choose another --out"
         )
     ensure_dir(run_dir)
+    remove_stale_temp_files(run_dir)  # left by a run killed while writing its first file
     atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     rt = runtime_settings(cfg.train)
     if cfg.train.deterministic:

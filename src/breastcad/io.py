@@ -64,6 +64,18 @@ def ensure_dir(path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def remove_stale_temp_files(folder: str | os.PathLike[str]) -> int:
+    """Delete temporary files that a killed writer left behind (never a finished file)."""
+    removed = 0
+    for tmp in Path(folder).rglob(".*.tmp"):
+        try:
+            tmp.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 def _fsync_dir(folder: Path) -> None:
     # Makes the rename itself durable; not every filesystem allows it.
     try:
