@@ -217,13 +217,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import csv
-    import io
-
     from breastcad.config import TrainConfig
     from breastcad.engine import runtime_settings
     from breastcad.errors import printable
-    from breastcad.io import atomic_write_text
+    from breastcad.io import atomic_write_csv
     from breastcad.predict import expand_inputs, load_ensemble, predict_images
 
     ens = load_ensemble(args.model, args.fold)
@@ -234,15 +231,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not rows:
         raise BreastcadError(f"no readable image among {len(paths)} input(s)")
     model = f"{ens.card['architecture']} x{len(ens.models)} ({ens.source})"
-    header = list(rows[0]) + ["threshold", "model"]
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    for r in rows:
-        writer.writerow([*(f"{v:.6f}" if isinstance(v, float) else v for v in r.values()),
-                         f"{ens.threshold:.6f}", model])  # fmt: skip
+    header = [*rows[0], "threshold", "model"]
+    table = [
+        [*(f"{v:.6f}" if isinstance(v, float) else v for v in r.values()),
+         f"{ens.threshold:.6f}", model]
+        for r in rows
+    ]  # fmt: skip
     if args.out:
-        atomic_write_text(args.out, buf.getvalue())
+        atomic_write_csv(args.out, header, table)
         print(f"{len(rows)} prediction(s) written to {args.out}; {len(bad)} skipped")
     else:
         pos = ens.card["positive_class"]

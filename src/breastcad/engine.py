@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -99,8 +100,6 @@ def train_one_epoch(
     warmup_steps: int,
 ) -> tuple[EpochStats, int]:
     """One pass over ``indices`` in a seeded random order; returns stats and the next step."""
-    import time
-
     model.train()
     order = torch.from_numpy(indices)[torch.randperm(len(indices), generator=gen)]
     bs = train_cfg.batch_size

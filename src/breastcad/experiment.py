@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from breastcad.engine import Runtime, predict_logits, runtime_settings, train_on
 from breastcad.envinfo import environment
 from breastcad.errors import DataError
 from breastcad.io import (
+    atomic_write_csv,
     atomic_write_json,
     atomic_write_text,
     ensure_dir,
@@ -295,14 +295,6 @@ def train_fold(
     )
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
@@ -310,7 +302,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 def save_fold_outputs(fold_dir: Path, res: FoldResult, ds: Dataset) -> None:
     keys = list(res.history[0]) if res.history else ["epoch"]
-    _write_csv(fold_dir / "history.csv", keys, [[h[k] for k in keys] for h in res.history])
+    atomic_write_csv(fold_dir / "history.csv", keys, [[h[k] for k in keys] for h in res.history])
     c = ds.task.num_classes
     logit_cols = [f"logit_{name}" for name in ds.task.classes]
     for part, idx, logits in (
@@ -318,7 +310,7 @@ def save_fold_outputs(fold_dir: Path, res: FoldResult, ds: Dataset) -> None:
         ("test", res.plan.test, res.test_logits),
     ):
         rows = [[int(i), *(float(v) for v in logits[j, :c])] for j, i in enumerate(idx)]
-        _write_csv(fold_dir / f"{part}_logits.csv", ["index", *logit_cols], rows)
+        atomic_write_csv(fold_dir / f"{part}_logits.csv", ["index", *logit_cols], rows)
     atomic_write_json(
         fold_dir / "fold.json",
         {
@@ -355,41 +347,37 @@ def load_fold_outputs(fold_dir: Path, plan: FoldPlan) -> FoldResult:
     )
 
 
-def write_folds(path: Path, ds: Dataset, plans: list[FoldPlan], cfg: Config) -> None:
+def folds_document(ds: Dataset, plans: list[FoldPlan], cfg: Config) -> dict[str, Any]:
+    """Every sample with its group and content hash, and per repeat each sample's folds."""
     repeats = []
     for r in sorted({p.repeat for p in plans}):
-        part = ["" for _ in ds.samples]
         fold_of = [-1 for _ in ds.samples]
+        val_in = ["" for _ in ds.samples]
         for p in (p for p in plans if p.repeat == r):
-            for name, idx in (("train", p.train), ("val", p.val), ("test", p.test)):
-                for i in idx:
-                    if name == "test":
-                        fold_of[i] = p.fold
-                    elif name == "val":
-                        part[i] = part[i] + f"val@{p.fold};"
+            for i in p.test:
+                fold_of[i] = p.fold
+            for i in p.val:
+                val_in[i] += f"val@{p.fold};"
         repeats.append(
             {
                 "repeat": r,
                 "seed": cfg.seed + r,
                 "test_fold": fold_of,
-                "inner_validation_in_folds": part,
+                "inner_validation_in_folds": val_in,
             }
         )
-    atomic_write_json(
-        path,
-        {
-            "task": ds.task.name,
-            "classes": list(ds.task.classes),
-            "n_folds": cfg.cv.folds,
-            "val_fraction": cfg.cv.val_fraction,
-            "method": "StratifiedGroupKFold over duplicate/patient groups; inner grouped split",
-            "samples": [
-                {"path": s.path, "sha256": h, "label": s.label, "target": int(t), "group": g}
-                for s, t, g, h in zip(ds.samples, ds.targets, ds.groups, ds.hashes, strict=True)
-            ],
-            "repeats": repeats,
-        },
-    )
+    return {
+        "task": ds.task.name,
+        "classes": list(ds.task.classes),
+        "n_folds": cfg.cv.folds,
+        "val_fraction": cfg.cv.val_fraction,
+        "method": "StratifiedGroupKFold over duplicate/patient groups; inner grouped split",
+        "samples": [
+            {"path": s.path, "sha256": h, "label": s.label, "target": int(t), "group": g}
+            for s, t, g, h in zip(ds.samples, ds.targets, ds.groups, ds.hashes, strict=True)
+        ],
+        "repeats": repeats,
+    }
 
 
 LIMITS = [
@@ -522,16 +510,13 @@ def write_oof(path: Path, ds: Dataset, arrays: dict[str, np.ndarray], threshold:
                 [s.path, ds.groups[i], s.label, rep, int(arrays["oof_fold"][rep, i]),
                  *(f"{v:.6f}" for v in probs), *(f"{v:.6f}" for v in raws), decision]
             )  # fmt: skip
-    _write_csv(path, header, rows)
+    atomic_write_csv(path, header, rows)
 
 
 def _check_same_folds(path: Path, ds: Dataset, plans: list[FoldPlan], cfg: Config) -> None:
     """On resume, the data and settings must give exactly the folds the run started with."""
     saved = read_json(path)
-    fresh_path = path.with_name(".folds-check.json")
-    write_folds(fresh_path, ds, plans, cfg)
-    fresh = read_json(fresh_path)
-    fresh_path.unlink()
+    fresh = folds_document(ds, plans, cfg)
     if saved.get("samples") != fresh["samples"] or saved.get("repeats") != fresh["repeats"]:
         raise DataError(
             f"{path}: the data or settings changed since this run started; "
@@ -573,7 +558,7 @@ def run_cross_validation(
     if resume and (run_dir / "folds.json").exists():
         _check_same_folds(run_dir / "folds.json", ds, plans, cfg)
     else:  # a new run, or one killed before its folds were written
-        write_folds(run_dir / "folds.json", ds, plans, cfg)
+        atomic_write_json(run_dir / "folds.json", folds_document(ds, plans, cfg))
     atomic_write_json(run_dir / "env.json", environment(rt))
 
     t0 = time.perf_counter()

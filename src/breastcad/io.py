@@ -7,6 +7,8 @@ one-line :class:`BreastcadError`, and the previous file stays intact.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -92,6 +94,16 @@ def _fsync_dir(folder: Path) -> None:
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
+
+
+def atomic_write_csv(
+    path: str | os.PathLike[str], header: list[str], rows: list[list[Any]]
+) -> Path:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
 
 
 def _json_safe(obj: Any) -> Any:

@@ -49,14 +49,13 @@ def make_plots(
     out["roc"] = plots.plot_roc(
         y_bin, p_cal, pdir / "roc.png", threshold=threshold, fold=arrays["oof_fold"][0]
     )
-    if ds.task.num_classes == 2:
-        cm = np.asarray(metrics["confusion"])
-        names = list(ds.task.classes)
-    else:
-        cm = np.asarray(metrics["multiclass"]["confusion_matrix"])
-        names = list(ds.task.classes)
+    binary = ds.task.num_classes == 2
+    cm = np.asarray(metrics["confusion"] if binary else metrics["multiclass"]["confusion_matrix"])
     out["confusion"] = plots.plot_confusion(
-        cm, names, pdir / "confusion.png", title="Confusion matrix (out-of-fold test predictions)"
+        cm,
+        list(ds.task.classes),
+        pdir / "confusion.png",
+        title="Confusion matrix (out-of-fold test predictions)",
     )
     out["reliability"] = plots.plot_reliability(y_bin, p_raw, p_cal, pdir / "reliability.png")
     cases = _sample_grid_cases(y_bin, p_cal, threshold)
