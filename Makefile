@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: setup demo test lint clean
+.PHONY: setup browser demo test lint clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,11 +15,15 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 setup: $(BIN)/.installed
 
+# Debian's Chromium, for the web page's browser test.
+browser:
+	scripts/install-chromium.sh
+
 demo: setup
 	$(BIN)/breastcad train
 
 # Fast tests plus the bounded subset of slow real-data tests marked `ci`.
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q -m "not slow or ci"
 
 lint: setup

@@ -7,6 +7,7 @@ with exit status 2 and no traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from collections.abc import Sequence
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_train_parser(sub)
     _add_predict_parser(sub)
+    for name in COMMAND_MODULES:
+        _command_module(name).add_parser(sub)
     return parser
 
 
@@ -249,6 +252,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 COMMANDS = {"audit": cmd_audit, "train": cmd_train, "predict": cmd_predict}
 
+# Further commands live in breastcad.commands.<name>, each with ``add_parser(sub)`` and
+# ``run(args) -> int``; they import their heavy dependencies inside ``run`` so that
+# ``breastcad --help`` stays fast.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _command_module(name: str) -> Any:
+    return importlib.import_module(f"breastcad.commands.{name}")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     # Non-UTF-8 file names arrive as surrogate escapes: print them, never crash on them.
@@ -258,7 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        if args.command in COMMANDS:
+            return COMMANDS[args.command](args)
+        return int(_command_module(args.command).run(args))
     except BreastcadError as err:
         print(f"error: {err}".replace("\n", " "), file=sys.stderr)
         return 2

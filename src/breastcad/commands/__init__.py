@@ -1,0 +1,1 @@
+"""Sub-commands beyond audit/train/predict: one module each, ``add_parser`` + ``run``."""
