@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from breastcad.checkpoint import CARD, load_fold_model
-from breastcad.data.cache import resize_to_uint8
+from breastcad.data.cache import prepare_for_model
 from breastcad.data.imageio import DEFAULT_MAX_PIXELS, is_image_name, read_image
 from breastcad.data.records import BadFile
 from breastcad.engine import Runtime, predict_logits
@@ -90,11 +90,10 @@ def predict_images(
     ens: Ensemble, paths: list[str], rt: Runtime, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[list[dict[str, Any]], list[BadFile]]:
     """Probabilities and decisions for every readable image; unreadable ones with the reason."""
-    size = int(ens.card["input_size"])
     arrays, kept, bad = [], [], []
     for p in paths:
         try:
-            arrays.append(resize_to_uint8(read_image(p, max_pixels=max_pixels), size))
+            arrays.append(prepare_for_model(read_image(p, max_pixels=max_pixels), ens.card))
             kept.append(p)
         except ImageReadError as err:
             bad.append(BadFile(p, err.problem))

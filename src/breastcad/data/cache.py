@@ -19,6 +19,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -41,6 +42,15 @@ def resize_to_uint8(img: np.ndarray, size: int) -> np.ndarray:
     pil = pil.resize((size, size), Image.Resampling.BILINEAR)
     arr = np.asarray(pil, dtype=np.float32)
     return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+
+
+def prepare_for_model(img: np.ndarray, card: dict[str, Any]) -> np.ndarray:
+    """The model input for a decoded [0, 1] image, by the rule recorded in a fold's card.
+
+    Every user of a trained model (predict, export checks, serve, explain) goes
+    through here, so inference applies exactly the preprocessing training applied.
+    """
+    return resize_to_uint8(img, int(card["input_size"]))
 
 
 def entry_key(content_sha256: str, size: int) -> str:
