@@ -766,3 +766,16 @@ def test_is_image_name(name, expected):
 def test_file_sha256_matches_hashlib(write_image):
     path = write_image("a.png", GRAY)
     assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_unconvertible_pixel_mode_is_a_clear_read_error(write_image, assert_clean_error) -> None:
+    """A LAB TIFF decodes in PIL but has no grayscale conversion: one line, no traceback."""
+    from PIL import Image
+
+    from breastcad.data.imageio import read_image
+    from breastcad.errors import ImageReadError
+
+    path = write_image("lab.tif", Image.new("LAB", (8, 8)), fmt="TIFF")
+    with pytest.raises(ImageReadError) as info:
+        read_image(path)
+    assert_clean_error(info.value, path, "grayscale")

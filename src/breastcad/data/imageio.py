@@ -187,29 +187,48 @@ def _pil_to_gray(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
+def decode_image(
+    data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS, dicom: bool | None = None
+) -> np.ndarray:
+    """Decode image bytes to a 2-D float32 array in [0, 1]; ``name`` only labels errors.
+
+    ``dicom`` None decides from the bytes (DICM preamble) and the name. Every
+    failure is an :class:`ImageReadError`, whatever the decoder raised.
+    """
+    if _looks_like_dicom(data, name) if dicom is None else dicom:
+        return _decode_dicom(data, name, max_pixels)
+    img = _open_pil(data, name, max_pixels)
+    try:
+        arr = _pil_to_gray(img)
+    except (ValueError, OSError, TypeError) as err:  # e.g. LAB or other unconvertible modes
+        problem = f"cannot convert {img.mode} pixels to grayscale ({_one_line(err)})"
+        raise ImageReadError(name, problem) from None
+    if arr.ndim != 2 or arr.size == 0:
+        raise ImageReadError(name, f"unsupported image layout {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode ``path`` to a 2-D float32 array with values in [0, 1]."""
     p = str(path)
-    data = read_bytes(p)
-    if _looks_like_dicom(data, p):
-        return _decode_dicom(data, p, max_pixels)
-    img = _open_pil(data, p, max_pixels)
-    arr = _pil_to_gray(img)
-    if arr.ndim != 2 or arr.size == 0:
-        raise ImageReadError(p, f"unsupported image layout {arr.shape}")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return decode_image(read_bytes(p), p, max_pixels)
 
 
 def read_mask(paths: tuple[str, ...] | list[str], shape: tuple[int, int]) -> np.ndarray:
     """Union of lesion masks as a bool array of ``shape`` (H, W).
 
-    Masks may be 1-bit, L, RGB or RGBA; any non-zero colour channel counts as
-    lesion. A mask whose size differs from the image is resized (nearest).
-    No masks gives an all-false array (a normal image has no lesion).
+    Masks may be 1-bit, L, RGB, RGBA or DICOM (CBIS-DDSM's ROI masks); any
+    non-zero colour channel counts as lesion. A mask whose size differs from the
+    image is resized (nearest). No masks gives an all-false array (a normal
+    image has no lesion).
     """
     out = np.zeros(shape, dtype=bool)
     for mp in paths:
-        img = _open_pil(read_bytes(mp), mp, DEFAULT_MAX_PIXELS)
+        data = read_bytes(mp)
+        if _looks_like_dicom(data, mp):
+            img = Image.fromarray(_decode_dicom(data, mp, DEFAULT_MAX_PIXELS) > 0)
+        else:
+            img = _open_pil(data, mp, DEFAULT_MAX_PIXELS)
         if img.mode in ("RGBA", "LA", "PA", "P"):
             img = img.convert("RGBA")
             arr = np.asarray(img)[..., :3].max(axis=-1)
