@@ -642,6 +642,20 @@ def _display_image(img: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(arr, nan=0.0), 0.0, 1.0)
 
 
+def _pair_with_overlay(img: np.ndarray, overlay: np.ndarray) -> tuple[np.ndarray, int]:
+    """Image (gray or RGB, [0, 1]) and its overlay side by side, white gap; returns (cell, x0)."""
+    ov = np.asarray(overlay)
+    ov = _display_image(ov.astype(float) / 255.0 if ov.dtype == np.uint8 else ov)
+    if ov.ndim == 2:
+        ov = np.repeat(ov[..., None], 3, axis=-1)
+    base = img if img.ndim == 3 else np.repeat(img[..., None], 3, axis=-1)
+    if ov.shape[:2] != base.shape[:2]:
+        raise ValueError(f"overlay {ov.shape[:2]} differs from its image {base.shape[:2]}")
+    gap = max(2, base.shape[1] // 32)
+    spacer = np.ones((base.shape[0], gap, 3))
+    return np.concatenate([base, spacer, ov], axis=1), base.shape[1] + gap
+
+
 def plot_sample_grid(
     images: list[np.ndarray],
     titles: list[str],
@@ -649,23 +663,40 @@ def plot_sample_grid(
     out: PathLike,
     ncols: int = 6,
     heading: str | None = None,
+    overlays: list[np.ndarray] | None = None,
+    masks: list[np.ndarray | None] | None = None,
+    frame_note: str = "green frame = correct, red frame = wrong",
 ) -> Path:
     """Grid of grayscale images in [0, 1], each titled, framed green (correct) or red.
 
-    An empty list gives a figure that says "no samples".
+    With ``overlays`` (one RGB image per case, uint8 or [0, 1], the image's size;
+    e.g. :func:`breastcad.gradcam.overlay_rgb`) each cell shows the image and its
+    overlay side by side (4 cells a row); ``masks`` (bool, the image's size, or
+    None) outline the lesion on the overlay. An empty list gives a figure that says
+    "no samples".
     """
     n = len(images)
     if len(titles) != n or len(correct) != n:
         raise ValueError(f"{n} images but {len(titles)} titles and {len(correct)} flags")
+    if overlays is not None and len(overlays) != n:
+        raise ValueError(f"{n} images but {len(overlays)} overlays")
+    if masks is not None and len(masks) != n:
+        raise ValueError(f"{n} images but {len(masks)} masks")
     if n == 0:
         return _message_figure(out, "no samples", "Samples")
     shown = [_display_image(im) for im in images]
+    offsets: list[int | None] = [None] * n
+    if overlays is not None:
+        pairs = [_pair_with_overlay(im, ov) for im, ov in zip(shown, overlays, strict=True)]
+        shown = [p[0] for p in pairs]
+        offsets = [p[1] for p in pairs]
+        ncols = min(int(ncols), 4)
     ncols = max(1, min(int(ncols), n))
     nrows = math.ceil(n / ncols)
     # Cells follow the images' typical aspect so rows do not gape apart.
     aspect = float(np.median([im.shape[0] / max(im.shape[1], 1) for im in shown]))
-    aspect = min(max(aspect, 0.5), 2.0)
-    cell_w = 2.3
+    aspect = min(max(aspect, 0.25), 2.0)
+    cell_w = 2.3 if overlays is None else 3.6
     with _rc():
         fig, axes = plt.subplots(
             nrows,
@@ -687,6 +718,13 @@ def plot_sample_grid(
                     vmax=1.0,
                     interpolation="antialiased",
                 )
+                mask = None if masks is None else masks[k]
+                x0 = offsets[k]
+                if mask is not None and x0 is not None and np.asarray(mask).any():
+                    m = np.asarray(mask, dtype=float)
+                    xs = np.arange(m.shape[1]) + x0
+                    ax.contour(xs, np.arange(m.shape[0]), m, levels=[0.5], colors="white",
+                               linewidths=1.0, linestyles="--")  # fmt: skip
                 ax.grid(False)
                 ax.set_xticks([])
                 ax.set_yticks([])
@@ -694,11 +732,13 @@ def plot_sample_grid(
                 for spine in ax.spines.values():
                     spine.set_edgecolor(color)
                     spine.set_linewidth(4.0)
-                ax.set_title(_wrap_title(str(titles[k])), fontsize=9, color="black")
+                ax.set_title(_wrap_title(str(titles[k]), 40 if x0 is not None else 24),
+                             fontsize=9, color="black")  # fmt: skip
             n_ok = int(sum(bool(c) for c in correct))
             fig.suptitle(
-                f"{heading or f'{n_ok}/{n} correct'}  (green frame = correct, red frame = wrong)",
+                f"{heading or f'{n_ok}/{n} correct'}  ({frame_note})",
                 fontsize=11,
+                wrap=True,
             )
         except BaseException:
             plt.close(fig)
