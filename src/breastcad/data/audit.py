@@ -510,7 +510,22 @@ class _Decoded:
     bad: list[BadFile]
 
 
-def _decode_one(sample: Sample, max_pixels: int, settings: NearDupSettings) -> _Decoded:
+def _breast_only(arr: np.ndarray) -> np.ndarray:
+    """A mammogram with everything outside the breast blanked (not cropped, not mirrored).
+
+    Near-duplicate features are computed on this for ``breast-crop`` data: burnt-in
+    labels sit at the same place in every image of a scanner and would otherwise
+    make unrelated mammograms look alike. (Cropping too would make them look alike
+    again: every cropped breast fills its frame the same way.)
+    """
+    from breastcad.data.mammo import blank_outside, find_breast
+
+    return blank_outside(arr, find_breast(arr))
+
+
+def _decode_one(
+    sample: Sample, max_pixels: int, settings: NearDupSettings, preprocess: str = "stretch"
+) -> _Decoded:
     bad: list[BadFile] = []
     try:
         file_sha = hashlib.sha256(read_bytes(sample.path)).hexdigest()
@@ -539,6 +554,9 @@ def _decode_one(sample: Sample, max_pixels: int, settings: NearDupSettings) -> _
     if len(good_masks) != len(sample.mask_paths):
         sample = replace(sample, mask_paths=tuple(good_masks))
     feats = _features(arr, settings)
+    if preprocess == "breast-crop":  # exact duplicates and sizes stay those of the file
+        near = _features(_breast_only(arr), settings)
+        feats = replace(feats, hash_bits=near.hash_bits, thumb=near.thumb, reg=near.reg)
     del arr
     return _Decoded(sample, feats, file_sha, bad)
 
@@ -757,14 +775,19 @@ def run_audit(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     settings: NearDupSettings = NearDupSettings(),  # noqa: B008 (frozen, immutable)
     progress: bool = False,
+    preprocess: str = "stretch",
 ) -> AuditReport:
-    """Decode every sample of ``source`` and audit it (see the module docstring)."""
+    """Decode every sample of ``source`` and audit it (see the module docstring).
+
+    ``preprocess="breast-crop"`` (mammograms): near-duplicates are looked for on
+    the breast region with markers removed (exact duplicates on the whole file).
+    """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
     # 1. decode (threads: PIL, zlib and numpy release the GIL)
     decoded: list[_Decoded] = _imap(
-        lambda s: _decode_one(s, max_pixels, settings),
+        lambda s: _decode_one(s, max_pixels, settings, preprocess),
         source.samples,
         settings.workers,
         progress,
@@ -922,3 +945,40 @@ def run_audit(
     )
     _progress(progress, f"done in {report.seconds:.1f} s")
     return report
+
+
+def write_preprocess_examples(
+    report: AuditReport,
+    out: str | os.PathLike[str],
+    mode: str = "breast-crop",
+    size: int = 256,
+    n: int = 6,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> int:
+    """Draw ``n`` audited images (classes taken in turn) beside their model input.
+
+    For ``breast-crop`` the original shows the breast outline and crop box found,
+    so a reader can check that markers are removed and lesions kept. Returns
+    how many examples were drawn (unreadable images are passed over).
+    """
+    from itertools import zip_longest
+
+    from breastcad.data.cache import preprocess
+    from breastcad.data.mammo import plot_examples
+
+    by_label: dict[str, list[Sample]] = defaultdict(list)
+    for s in report.samples:
+        by_label[s.label].append(s)
+    order = [s for row in zip_longest(*by_label.values()) for s in row if s is not None]
+    items = []
+    for s in order[: 2 * n]:
+        if len(items) >= n:
+            break
+        try:
+            img = read_image(s.path, max_pixels)
+        except ImageReadError:
+            continue
+        items.append((f"{s.label}: {os.path.basename(s.path)}", img, preprocess(img, size, mode)))
+    if items:
+        plot_examples(items, str(out), title=f"preprocessing: {mode}")
+    return len(items)

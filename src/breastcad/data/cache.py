@@ -1,14 +1,21 @@
 """Decode each image once: a cache of resized uint8 arrays, keyed by content.
 
-The key is the file's content hash, the output size and the preprocessing
-version, so a changed file, size or preprocessing rule gets a new entry and a
-stale one is never read. Entries are written atomically (temp file + rename),
-so two processes building the same cache at once both end with valid files.
+The key is the file's content hash, the output size, the preprocessing
+mode (``stretch`` or ``breast-crop``) and its version, so a changed file, size
+or preprocessing rule gets a new entry and a stale one is never read. Entries
+are written atomically (temp file + rename), so two processes building the same
+cache at once both end with valid files.
 
 Intensity: every source is first mapped to [0, 1] by ``read_image`` (16-bit
 and DICOM sources are windowed to their own range there), then resized in
 float and quantised to uint8: 256 levels are plenty for ultrasound, whose
 scanners export 8 bits.
+
+Modes (``data.preprocess``, recorded as ``preprocessing.mode`` in each fold's
+card): ``stretch`` resizes the whole image to a square (aspect not kept);
+``breast-crop`` finds the breast in a whole mammogram, blanks markers outside
+it, mirrors it so the chest wall is on the left, crops to it and resizes with
+the aspect kept and padding (see :mod:`breastcad.data.mammo`).
 """
 
 from __future__ import annotations
@@ -25,10 +32,12 @@ import numpy as np
 from PIL import Image
 
 from breastcad.data.imageio import DEFAULT_MAX_PIXELS, read_image
+from breastcad.errors import ConfigError
 from breastcad.io import atomic_write_bytes, ensure_dir
 
 # Bump when the resize or intensity rule changes: old entries are then unused.
 PREPROCESS_VERSION = "stretch-bilinear-v1"
+PREPROCESS_MODES = ("stretch", "breast-crop")
 
 
 def default_cache_dir() -> Path:
@@ -44,17 +53,56 @@ def resize_to_uint8(img: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
 
 
+def check_mode(mode: str) -> str:
+    if mode not in PREPROCESS_MODES:
+        raise ConfigError(
+            f"unknown preprocessing mode {mode!r}; valid modes: {', '.join(PREPROCESS_MODES)}"
+        )
+    return mode
+
+
+def preprocess(img: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
+    """A decoded [0, 1] image as the ``size`` x ``size`` uint8 model input, by ``mode``."""
+    if check_mode(mode) == "breast-crop":
+        from breastcad.data.mammo import breast_crop
+
+        return breast_crop(img, size)
+    return resize_to_uint8(img, size)
+
+
+def preprocessing_card(mode: str = "stretch") -> dict[str, str]:
+    """What a fold's card records under ``preprocessing`` for ``mode`` (read back by
+    :func:`prepare_for_model`)."""
+    if check_mode(mode) == "breast-crop":
+        from breastcad.data.mammo import MAMMO_VERSION
+
+        return {
+            "version": PREPROCESS_VERSION,
+            "mode": mode,
+            "mode_version": MAMMO_VERSION,
+            "resize": "breast region (markers blanked), chest wall left, crop, "
+            "aspect kept, bilinear, padded to square",
+        }
+    return {"version": PREPROCESS_VERSION, "mode": mode, "resize": "stretch to square, bilinear"}
+
+
 def prepare_for_model(img: np.ndarray, card: dict[str, Any]) -> np.ndarray:
     """The model input for a decoded [0, 1] image, by the rule recorded in a fold's card.
 
     Every user of a trained model (predict, export checks, serve, explain) goes
     through here, so inference applies exactly the preprocessing training applied.
+    Cards written before modes existed have no ``mode``: they mean ``stretch``.
     """
-    return resize_to_uint8(img, int(card["input_size"]))
+    mode = (card.get("preprocessing") or {}).get("mode", "stretch")
+    return preprocess(img, int(card["input_size"]), mode)
 
 
-def entry_key(content_sha256: str, size: int) -> str:
+def entry_key(content_sha256: str, size: int, mode: str = "stretch") -> str:
     text = f"{content_sha256}|{size}|{PREPROCESS_VERSION}"
+    if mode != "stretch":  # stretch keeps its old keys, so existing caches stay valid
+        from breastcad.data.mammo import MAMMO_VERSION
+
+        text += f"|{mode}|{MAMMO_VERSION}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -88,12 +136,17 @@ def _load_entry(path: Path, size: int) -> np.ndarray | None:
 
 
 def cached_image(
-    path: str, content_sha256: str, size: int, cache_dir: Path, max_pixels: int
+    path: str,
+    content_sha256: str,
+    size: int,
+    cache_dir: Path,
+    max_pixels: int,
+    mode: str = "stretch",
 ) -> np.ndarray:
-    entry = cache_dir / f"{entry_key(content_sha256, size)}.npy"
+    entry = cache_dir / f"{entry_key(content_sha256, size, mode)}.npy"
     arr = _load_entry(entry, size)
     if arr is None:
-        arr = resize_to_uint8(read_image(path, max_pixels=max_pixels), size)
+        arr = preprocess(read_image(path, max_pixels=max_pixels), size, mode)
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
         atomic_write_bytes(entry, buf.getvalue())
@@ -107,14 +160,19 @@ def load_stack(
     cache_dir: str | Path | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int = 2,
+    preprocess: str = "stretch",
 ) -> np.ndarray:
-    """All images as one (N, size, size) uint8 array, decoding only cache misses."""
+    """All images as one (N, size, size) uint8 array, decoding only cache misses.
+
+    ``preprocess`` is the mode (``data.preprocess``): ``stretch`` or ``breast-crop``.
+    """
+    mode = check_mode(preprocess)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     ensure_dir(root)
     out = np.empty((len(paths), size, size), dtype=np.uint8)
 
     def fill(i: int) -> None:
-        out[i] = cached_image(paths[i], hashes[i], size, root, max_pixels)
+        out[i] = cached_image(paths[i], hashes[i], size, root, max_pixels, mode)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         list(pool.map(fill, range(len(paths))))
