@@ -505,6 +505,46 @@ def paired_bootstrap_auc_difference(
     return PairedDiff(diff, low, high, float(p_value))
 
 
+def _delong_components(pos: FloatArray, neg: FloatArray) -> tuple[float, FloatArray, FloatArray]:
+    """AUC and its structural components V10 (per positive) and V01 (per negative)."""
+    from scipy.stats import rankdata
+
+    m, n = pos.size, neg.size
+    both = rankdata(np.concatenate([pos, neg]))
+    v10 = (both[:m] - rankdata(pos)) / n
+    v01 = 1.0 - (both[m:] - rankdata(neg)) / m
+    return float(v10.mean()), v10, v01
+
+
+def delong_auc_difference(y: ArrayLike, prob_a: ArrayLike, prob_b: ArrayLike) -> PairedDiff:
+    """DeLong's test for AUC(a) - AUC(b) on the same images (95% normal interval).
+
+    It assumes the images are independent, which near-duplicates and several
+    images per patient break; prefer :func:`paired_bootstrap_auc_difference`
+    over groups and show this one beside it.
+    """
+    labels, a = _binary_inputs(y, prob_a, probability=False)
+    b = _as_scores(prob_b, labels.size, probability=False)
+    if not _has_both_classes(labels):
+        return PairedDiff(math.nan, math.nan, math.nan, math.nan)
+    from scipy.stats import norm
+
+    pos, neg = labels == 1, labels == 0
+    auc_a, a10, a01 = _delong_components(a[pos], a[neg])
+    auc_b, b10, b01 = _delong_components(b[pos], b[neg])
+    s10 = np.cov(np.vstack([a10, b10]))
+    s01 = np.cov(np.vstack([a01, b01]))
+    var = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / pos.sum() + (
+        s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]
+    ) / neg.sum()
+    diff = auc_a - auc_b
+    if not var > 0:  # identical scores: no difference to test
+        return PairedDiff(diff, diff, diff, 1.0 if diff == 0 else 0.0)
+    se = math.sqrt(var)
+    p_value = float(2 * norm.sf(abs(diff) / se))
+    return PairedDiff(diff, diff - 1.959964 * se, diff + 1.959964 * se, p_value)
+
+
 # ----------------------------------------------------------------------------- temperature
 
 

@@ -50,6 +50,7 @@ class ModelSpec:
     classifier: str = ""  # the new num_classes head; trainable when the backbone is frozen
     first_conv: str = ""  # the conv rebuilt for in_chans (adapted from RGB when pretrained)
     weights: str | None = None  # torchvision architecture whose DEFAULT weights "imagenet" means
+    batch_size: int = 32  # default images per training step
     # rewrites a weights file's keys to this architecture's (legacy checkpoints)
     remap_keys: Callable[[StateDict], StateDict] | None = None
 
@@ -131,11 +132,23 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def get_layer(model: nn.Module, path: str) -> nn.Module:
-    """The submodule at dotted ``path`` (e.g. a spec's ``gradcam_layer``); ConfigError if none."""
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        raise ConfigError(f"{type(model).__name__} has no layer {path!r}") from None
+    """The submodule at dotted ``path`` (e.g. a spec's ``gradcam_layer``); ConfigError if none.
+
+    A negative index counts from the end of a Sequential (``features.-2``), so a
+    path can name "the last ReLU" whatever the network's depth.
+    """
+    module = model
+    for part in path.split(".") if path else []:
+        try:
+            if part.lstrip("-").isdigit() and isinstance(module, nn.Sequential):
+                module = module[int(part)]
+            else:
+                module = getattr(module, part)
+        except (AttributeError, IndexError):
+            raise ConfigError(f"{type(model).__name__} has no layer {path!r}") from None
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"{type(model).__name__} has no layer {path!r}")
+    return module
 
 
 def disable_inplace_relu(model: nn.Module) -> nn.Module:
@@ -267,7 +280,9 @@ register(
         name="basic_cnn",
         build=BasicCNN,
         input_size=128,
-        gradcam_layer="features",
+        # the last block's ReLU, before its max-pool: 8 x 8 cells at 128 px (the pooled
+        # output, 4 x 4, is too coarse to tell a lesion from the skin band above it)
+        gradcam_layer="features.-2",
         description="the study's basic CNN (5 blocks by default, 3 in the study), from scratch",
         classifier="head.4",
         first_conv="features.0",

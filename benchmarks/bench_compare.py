@@ -1,0 +1,76 @@
+"""The study's five models compared on the same grouped folds of BUSI, recorded in results/.
+
+    python benchmarks/bench_compare.py --data ../shared/data/busi            # CPU protocol below
+    python benchmarks/bench_compare.py --data ../shared/data/busi --full   # full protocol (GPU)
+
+Runs ``breastcad compare`` as a user would (continuing the comparison folder if
+it exists) and writes ``benchmarks/results/compare-<name>.json`` with the
+table rows and the command. On a 2-core CPU a full schedule of vgg16, resnet50
+and densenet201 at 224 px takes hours, so the CPU protocol trains basic_cnn
+and alexnet at the full protocol and the three heavy models at 112 px with a
+shortened schedule; every row states its input size and epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STUDY = ("basic_cnn", "alexnet", "vgg16", "resnet50", "densenet201")
+# label=model,settings: the shortened schedules used on the 2-core CPU
+CPU_PROTOCOL = (
+    "basic_cnn",
+    "alexnet",
+    "resnet50-112px-8ep=resnet50,data.image_size=112,train.epochs=8",
+    "densenet201-112px-8ep=densenet201,data.image_size=112,train.epochs=8",
+    "vgg16-112px-6ep=vgg16,data.image_size=112,train.epochs=6",
+)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--name", default="busi")
+    ap.add_argument("--full", action="store_true", help="every model at its full protocol")
+    ap.add_argument("extra", nargs="*", help="more arguments for breastcad compare (after --)")
+    args = ap.parse_args()
+    out = Path("runs") / f"bench-compare-{args.name}"
+    if (out / "compare.json").exists():
+        cmd = ["compare", "--resume", str(out), "--quiet"]
+    else:
+        cmd = ["compare", "--data", args.data, "--out", str(out), "--quiet", *args.extra]
+        if args.full:
+            cmd += ["--models", ",".join(STUDY)]
+        else:
+            cmd += [a for v in CPU_PROTOCOL for a in ("--variant", v)]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "breastcad", *cmd], text=True)
+    if proc.returncode != 0:
+        return proc.returncode
+    doc = json.loads((out / "comparison.json").read_text())
+    env = json.loads((out / doc["best"] / "env.json").read_text())
+    plan = json.loads((out / "compare.json").read_text())
+    record = {
+        "name": f"compare-{args.name}",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "breastcad compare --data DATA "
+        + " ".join(f"--variant {v['label']}={dict(v['overrides'])['model.name']}"
+                   + "".join(f",{k}={val}" for k, val in v["overrides"][1:])
+                   for v in plan["variants"]),  # fmt: skip
+        "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
+        "environment": env,
+        "comparison": doc,
+    }
+    path = HERE / "results" / f"compare-{args.name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"recorded {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
