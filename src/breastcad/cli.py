@@ -32,6 +32,43 @@ EXAMPLES_AUDIT = """examples:
 """
 
 
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Settings shared by train and compare (each also settable with --set)."""
+    p.add_argument("--data", help="folder of class folders, BUSI folder or CSV (default: bundled)")
+    p.add_argument("--config", help="YAML config file (see configs/default.yaml)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
+    )
+    p.add_argument("--task", help="benign-vs-malignant | three-class | malignant-vs-rest")
+    p.add_argument("--folds", type=int, help="number of outer folds (default 5)")
+    p.add_argument("--repeats", type=int, help="repeat the k-fold with N seeds")
+    p.add_argument("--epochs", type=int, help="maximum epochs per fold")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--image-size", type=int, help="input size in pixels (default: the model's own)")
+    p.add_argument("--batch-size", type=int, help="images per step (default: the model's own)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument(
+        "--pretrained",
+        metavar="imagenet|FILE",
+        help="start from weights: torchvision's ImageNet weights in $TORCH_HOME, or a file",
+    )
+    p.add_argument(
+        "--freeze-backbone", action="store_true", help="train only the new head (with --pretrained)"
+    )
+    p.add_argument(
+        "--backbone-lr-factor",
+        type=float,
+        help="backbone learning rate = lr x this when fine-tuning (e.g. 0.1)",
+    )
+    p.add_argument("--keep-conflicts", action="store_true", help="keep conflicting-label groups")
+    p.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="deterministic algorithms: same seed, same predictions (default: on)",
+    )
+
+
 def _add_train_parser(sub: Any) -> None:
     p = sub.add_parser(
         "train",
@@ -41,25 +78,8 @@ def _add_train_parser(sub: Any) -> None:
         epilog=EXAMPLES_TRAIN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", help="folder of class folders, BUSI folder or CSV (default: bundled)")
-    p.add_argument("--config", help="YAML config file (see configs/default.yaml)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
-    )
+    add_run_options(p)
     p.add_argument("--model", help="registered model name (default basic_cnn)")
-    p.add_argument("--task", help="benign-vs-malignant | three-class | malignant-vs-rest")
-    p.add_argument("--folds", type=int, help="number of outer folds (default 5)")
-    p.add_argument("--repeats", type=int, help="repeat the k-fold with N seeds")
-    p.add_argument("--epochs", type=int, help="maximum epochs per fold")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--image-size", type=int, help="input size in pixels (default 128)")
-    p.add_argument("--keep-conflicts", action="store_true", help="keep conflicting-label groups")
-    p.add_argument(
-        "--deterministic",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="deterministic algorithms: same seed, same predictions (default: on)",
-    )
     p.add_argument("--out", help="run folder to write (default runs/<timestamp>-<model>)")
     p.add_argument(
         "--resume",
@@ -73,6 +93,9 @@ EXAMPLES_PREDICT = """examples:
   breastcad predict runs/demo ~/scans/case17.png          # the run's fold ensemble
   breastcad predict runs/demo ~/scans/ --out preds.csv     # every image in a folder
   breastcad predict runs/demo/fold-2 case17.dcm            # one fold model alone
+  breastcad predict runs/demo --fold 2 case17.dcm          # the same
+  breastcad predict demo.onnx ~/scans/                     # an exported model (onnxruntime)
+  breastcad predict runs/demo ~/scans/ --backend onnx      # the run, run by onnxruntime
 """
 
 
@@ -86,10 +109,20 @@ def _add_predict_parser(sub: Any) -> None:
         epilog=EXAMPLES_PREDICT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="run folder or fold folder")
+    p.add_argument(
+        "model",
+        metavar="RUN_OR_CHECKPOINT",
+        help="run folder, fold folder, or an exported .onnx file (with its .onnx.json sidecar)",
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
     p.add_argument("--fold", type=int, help="use only fold K of the run")
     p.add_argument("--out", help="write the predictions as CSV to this file")
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default=None,
+        help="torch (default for runs) or onnx (onnxruntime; default for .onnx files)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pa.add_argument("data", nargs="?", help="dataset folder or CSV manifest (default: bundled)")
     pa.add_argument("--out", help="write the full audit as JSON to this file")
+    pa.add_argument(
+        "--preprocess",
+        default="stretch",
+        choices=("stretch", "breast-crop"),
+        help="compare images as the model will see them (breast-crop: mammograms, markers "
+        "outside the breast ignored)",
+    )
     pa.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_train_parser(sub)
     _add_predict_parser(sub)
@@ -123,7 +163,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from breastcad.data.audit import run_audit
     from breastcad.data.sources import load_source
 
-    report = run_audit(load_source(args.data), progress=not args.quiet)
+    report = run_audit(load_source(args.data), progress=not args.quiet, preprocess=args.preprocess)
     print(report.summary_text())
     if args.out:
         report.write(Path(args.out))
@@ -131,13 +171,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
+def run_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
     from breastcad.config import parse_override
 
     pairs: list[tuple[str, Any]] = [parse_override(s) for s in args.set]
     flags = {
         "data.path": args.data,
-        "model.name": args.model,
+        "model.name": getattr(args, "model", None),
         "data.task": args.task,
         "cv.folds": args.folds,
         "cv.repeats": args.repeats,
@@ -145,10 +185,16 @@ def _train_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
         "seed": args.seed,
         "data.image_size": args.image_size,
         "train.deterministic": args.deterministic,
+        "train.batch_size": args.batch_size,
+        "train.device": args.device,
+        "model.pretrained": args.pretrained,
+        "train.backbone_lr_factor": args.backbone_lr_factor,
     }
     pairs += [(k, v) for k, v in flags.items() if v is not None]
     if args.keep_conflicts:
         pairs.append(("data.keep_conflicts", True))
+    if args.freeze_backbone:
+        pairs.append(("model.freeze_backbone", True))
     return pairs
 
 
@@ -198,7 +244,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from breastcad.experiment import run_cross_validation
 
     if args.resume:
-        overrides = _train_overrides(args)
+        overrides = run_overrides(args)
         if overrides or args.config or args.out:
             raise BreastcadError(
                 "--resume RUN continues RUN with its own config; drop other settings"
@@ -208,7 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = run_cross_validation(cfg, run_dir, progress=not args.quiet, resume=True)
         print_summary(summary)
         return 0
-    cfg = load_config(args.config, _train_overrides(args))
+    cfg = load_config(args.config, run_overrides(args))
     if args.out:
         run_dir = Path(args.out)
     else:
@@ -220,24 +266,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from breastcad.config import TrainConfig
-    from breastcad.engine import runtime_settings
     from breastcad.errors import printable
     from breastcad.io import atomic_write_csv
-    from breastcad.predict import expand_inputs, load_ensemble, predict_images
+    from breastcad.predict import expand_inputs, load_model, predict_images
 
-    ens = load_ensemble(args.model, args.fold)
+    if args.backend == "torch" and str(args.model).lower().endswith(".onnx"):
+        raise BreastcadError(f"{args.model}: an .onnx file runs with --backend onnx only")
+    ens = load_model(args.model, args.fold, backend=args.backend or "torch")
     paths = expand_inputs(args.images)
-    rows, bad = predict_images(ens, paths, runtime_settings(TrainConfig()))
+    rows, bad = predict_images(ens, paths)
     for b in bad:
         print(f"skipped {printable(b.path)}: {b.problem}", file=sys.stderr)
     if not rows:
         raise BreastcadError(f"no readable image among {len(paths)} input(s)")
-    model = f"{ens.card['architecture']} x{len(ens.models)} ({ens.source})"
-    header = [*rows[0], "threshold", "model"]
+    model = f"{ens.name} ({ens.source})"
+    header = [*rows[0], "threshold", "model", "model_version", "backend"]
     table = [
         [*(f"{v:.6f}" if isinstance(v, float) else v for v in r.values()),
-         f"{ens.threshold:.6f}", model]
+         f"{ens.threshold:.6f}", model, ens.version, ens.backend]
         for r in rows
     ]  # fmt: skip
     if args.out:
@@ -245,6 +291,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"{len(rows)} prediction(s) written to {args.out}; {len(bad)} skipped")
     else:
         pos = ens.card["positive_class"]
+        print(f"# model {model}, version {ens.version}, threshold {ens.threshold:.3f}")
         for r in rows:
             print(f"{printable(r['path'])}\tp({pos})={r['prob']:.3f}\t{r['decision']}")
     return 0
@@ -255,7 +302,9 @@ COMMANDS = {"audit": cmd_audit, "train": cmd_train, "predict": cmd_predict}
 # Further commands live in breastcad.commands.<name>, each with ``add_parser(sub)`` and
 # ``run(args) -> int``; they import their heavy dependencies inside ``run`` so that
 # ``breastcad --help`` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "export", "serve", "explain", "import_data", "compare", "models", "tune",
+)  # fmt: skip
 
 
 def _command_module(name: str) -> Any:
@@ -272,7 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in COMMANDS:
             return COMMANDS[args.command](args)
-        return int(_command_module(args.command).run(args))
+        # a module may name itself when its command differs (import -> import_data)
+        return int(_command_module(getattr(args, "command_module", args.command)).run(args))
     except BreastcadError as err:
         print(f"error: {err}".replace("\n", " "), file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ nothing.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,9 +24,10 @@ class DataConfig:
     task: str = "benign-vs-malignant"
     keep_conflicts: bool = False
     leaky_image_split: bool = False  # demonstration only: every image its own group
-    image_size: int = 128
+    image_size: int | None = None  # None: the model's registered input size
     max_pixels: int = 40_000_000
     cache_dir: str | None = None  # None: $XDG_CACHE_HOME/breastcad or ~/.cache/breastcad
+    preprocess: str = "stretch"  # stretch | breast-crop (whole mammograms)
 
 
 @dataclass
@@ -36,6 +38,8 @@ class ModelConfig:
     dense_units: int = 128
     kernel_size: int = 3
     dropout: float = 0.3
+    pretrained: str | None = None  # None (from scratch) | "imagenet" | path of a state dict
+    freeze_backbone: bool = False  # train only the new head (needs pretrained weights)
 
 
 @dataclass
@@ -63,8 +67,9 @@ class AugmentConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 30
-    batch_size: int = 32
+    batch_size: int | None = None  # None: the model's registered batch size
     lr: float = 3e-3
+    backbone_lr_factor: float = 1.0  # backbone lr = lr * this (fine-tuning: e.g. 0.1)
     weight_decay: float = 5e-4
     warmup_epochs: int = 2
     patience: int = 10
@@ -83,6 +88,16 @@ class EvalConfig:
     n_bootstrap: int = 1000
     tta: bool = True  # average the model over the image and its mirror
     ci_level: float = 0.95
+    lesion_agreement: bool = True  # Grad-CAM vs lesion masks on the test folds, when masks exist
+
+
+@dataclass
+class TuneConfig:
+    trials: int = 20  # finished (complete or pruned) trials per search
+    epochs: int = 12  # maximum epochs of one trial (shorter than a full training)
+    timeout: float | None = None  # seconds per search; None: no limit
+    pruner: str = "median"  # median | hyperband | none
+    startup_trials: int = 5  # trials run to the end before pruning starts
 
 
 @dataclass
@@ -95,6 +110,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -210,8 +226,30 @@ def validate(cfg: Config) -> None:
         (cfg.cv.repeats >= 1, "cv.repeats must be at least 1"),
         (0.05 <= cfg.cv.val_fraction <= 0.5, "cv.val_fraction must be between 0.05 and 0.5"),
         (cfg.train.epochs >= 1, "train.epochs must be at least 1"),
-        (cfg.train.batch_size >= 2, "train.batch_size must be at least 2"),
-        (cfg.data.image_size >= 16, "data.image_size must be at least 16"),
+        (
+            cfg.train.batch_size is None or cfg.train.batch_size >= 2,
+            "train.batch_size must be at least 2",
+        ),
+        (
+            cfg.data.image_size is None or cfg.data.image_size >= 16,
+            "data.image_size must be at least 16",
+        ),
+        (
+            cfg.data.preprocess in ("stretch", "breast-crop"),
+            "data.preprocess must be stretch or breast-crop",
+        ),
+        (cfg.tune.trials >= 1, "tune.trials must be at least 1"),
+        (cfg.tune.epochs >= 1, "tune.epochs must be at least 1"),
+        (
+            cfg.tune.pruner in ("median", "hyperband", "none"),
+            "tune.pruner: median, hyperband or none",
+        ),
+        (cfg.train.backbone_lr_factor > 0, "train.backbone_lr_factor must be positive"),
+        (
+            cfg.model.pretrained is not None or not cfg.model.freeze_backbone,
+            "model.freeze_backbone needs model.pretrained (a frozen random backbone learns "
+            "nothing)",
+        ),
         (0.0 < cfg.eval.target_sensitivity < 1.0, "eval.target_sensitivity must be in (0, 1)"),
         (cfg.train.bf16 in ("auto", "on", "off"), "train.bf16 must be auto, on or off"),
         (cfg.train.balance in ("weighted-loss", "none"), "train.balance: weighted-loss or none"),
@@ -219,3 +257,37 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+
+
+def with_overrides(cfg: Config, pairs: list[tuple[str, Any]]) -> Config:
+    """A validated copy of ``cfg`` with dotted-key settings applied."""
+    out = copy.deepcopy(cfg)
+    for key, value in pairs:
+        _apply(out, _nest(key, value))
+    validate(out)
+    return out
+
+
+def with_model_defaults(cfg: Config) -> Config:
+    """A copy with the input size and batch size the model registers, where unset."""
+    from breastcad.models import get_spec  # imports torch: only when a model is due
+
+    spec = get_spec(cfg.model.name)
+    out = copy.deepcopy(cfg)
+    if out.data.image_size is None:
+        out.data.image_size = spec.input_size
+    if out.train.batch_size is None:
+        out.train.batch_size = spec.batch_size
+    return out
+
+
+def training_mode(cfg: Config) -> str:
+    """How the weights started and what was trained, in words for tables and reports."""
+    if cfg.model.pretrained is None:
+        return "from scratch"
+    source = "ImageNet" if cfg.model.pretrained == "imagenet" else Path(cfg.model.pretrained).name
+    if cfg.model.freeze_backbone:
+        return f"{source} weights, frozen backbone + new head"
+    factor = cfg.train.backbone_lr_factor
+    lr = "" if factor == 1.0 else f", backbone lr x{factor:g}"
+    return f"{source} weights, full fine-tune{lr}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import csv
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,9 @@ from tqdm import tqdm
 
 from breastcad import __version__
 from breastcad.checkpoint import load_resume_state, save_fold_model, save_resume_state
-from breastcad.config import Config
+from breastcad.config import Config, training_mode, with_model_defaults
 from breastcad.data.audit import AuditReport, run_audit
-from breastcad.data.cache import PREPROCESS_VERSION, load_stack
+from breastcad.data.cache import load_stack, preprocessing_card
 from breastcad.data.records import Sample, Task, get_task
 from breastcad.data.sources import load_source
 from breastcad.data.splits import FoldPlan, assert_no_group_leak, make_folds
@@ -54,7 +55,8 @@ from breastcad.metrics import (
     threshold_for_sensitivity,
     to_dict,
 )
-from breastcad.models import count_parameters, create_model, get_spec
+from breastcad.models import count_parameters, create_model, param_groups
+from breastcad.pretrained import resolve_pretrained
 
 DONE = "DONE"
 RESUME = "resume.pt"
@@ -126,15 +128,29 @@ def _class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def _parameter_groups(model: torch.nn.Module, cfg: Config) -> list[dict[str, Any]]:
+    """Head at lr, backbone at lr x backbone_lr_factor; only trainable parameters."""
+    if getattr(model, "breastcad_classifier", ""):
+        return param_groups(model, cfg.train.lr, cfg.train.backbone_lr_factor)
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.train.lr}]
+
+
 def train_fold(
     cfg: Config,
     ds: Dataset,
     images: torch.Tensor,
     plan: FoldPlan,
     rt: Runtime,
-    fold_dir: Path,
+    fold_dir: Path | None,
     progress: bool,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> FoldResult:
+    """Train one fold; choose the epoch on ``plan.val``; calibrate; predict ``plan.test``.
+
+    With ``fold_dir`` None (a tuning trial) nothing is written, nothing is
+    resumed and the fold stops after choosing its epoch (no test prediction).
+    ``on_epoch(epoch, val_auc)`` is called after every epoch (it may raise to stop).
+    """
     t_start = time.perf_counter()
     seed = cfg.seed * 1000 + plan.repeat * 100 + plan.fold
     torch.manual_seed(seed)
@@ -147,14 +163,21 @@ def train_fold(
         "dense_units": cfg.model.dense_units,
         "dropout": cfg.model.dropout,
     }
-    model = create_model(cfg.model.name, num_classes, 1, **options).to(rt.device)
+    model = create_model(
+        cfg.model.name,
+        num_classes,
+        1,
+        pretrained=cfg.model.pretrained,
+        freeze_backbone=cfg.model.freeze_backbone,
+        **options,
+    ).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        _parameter_groups(model, cfg), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
     for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.train.lr
+        group["initial_lr"] = group["lr"]  # the schedule scales each group's own peak
     targets = torch.from_numpy(ds.targets)
     weights = (
         _class_weights(ds.targets[plan.train], num_classes)
@@ -170,8 +193,8 @@ def train_fold(
     best: dict[str, Any] = {"auc": -1.0, "loss": float("inf"), "epoch": -1, "state": None}
     history: list[dict[str, float]] = []
     step, stale, images_seen, train_seconds, start_epoch = 0, 0, 0, 0.0, 0
-    resume_path = fold_dir / RESUME
-    if resume_path.exists():
+    resume_path = fold_dir / RESUME if fold_dir is not None else None
+    if resume_path is not None and resume_path.exists():
         state = load_resume_state(resume_path)
         if state.get("fold_name") != plan.name or state.get("seed") != seed:
             raise DataError(f"{resume_path}: resume state of another fold or seed; remove it")
@@ -229,29 +252,43 @@ def train_fold(
             stale = 0
         else:
             stale += 1
-        # Everything needed to continue exactly here after a crash or a kill.
-        save_resume_state(
-            resume_path,
-            {
-                "fold_name": plan.name,
-                "seed": seed,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "best": best,
-                "history": history,
-                "step": step,
-                "stale": stale,
-                "epoch": epoch + 1,
-                "images_seen": images_seen,
-                "train_seconds": train_seconds,
-            },
-        )
+        if on_epoch is not None:
+            on_epoch(epoch + 1, val_auc)
+        if resume_path is not None:
+            # Everything needed to continue exactly here after a crash or a kill.
+            save_resume_state(
+                resume_path,
+                {
+                    "fold_name": plan.name,
+                    "seed": seed,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "best": best,
+                    "history": history,
+                    "step": step,
+                    "stale": stale,
+                    "epoch": epoch + 1,
+                    "images_seen": images_seen,
+                    "train_seconds": train_seconds,
+                },
+            )
         bar.set_postfix(loss=f"{stats.loss:.3f}", val_auc=f"{val_auc:.3f}", best=best["epoch"])
         if stale >= cfg.train.patience:
             break
     bar.close()
+    if fold_dir is None:
+        return FoldResult(
+            plan=plan,
+            temperature=1.0,
+            best_epoch=best["epoch"],
+            history=history,
+            val_logits=np.empty((0, num_classes)),
+            test_logits=np.empty((0, num_classes)),
+            seconds=time.perf_counter() - t_start,
+            images_per_second=images_seen / max(train_seconds, 1e-9),
+        )
     model.load_state_dict(best["state"])
     val_logits = predict_logits(model, images, plan.val, rt, tta=cfg.eval.tta)
     temperature = fit_temperature(val_logits, ds.targets[plan.val])
@@ -263,10 +300,12 @@ def train_fold(
         "num_classes": num_classes,
         "in_chans": 1,
         "parameters": count_parameters(model),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "training_mode": training_mode(cfg),
+        "pretrained": cfg.model.pretrained,
         "input_size": cfg.data.image_size,
         "preprocessing": {
-            "version": PREPROCESS_VERSION,
-            "resize": "stretch to square, bilinear",
+            **preprocessing_card(cfg.data.preprocess),
             "intensity": "grayscale [0,1] -> uint8 -> per-image standardisation",
             "tta": "mean of logits over image and horizontal mirror" if cfg.eval.tta else "none",
         },
@@ -467,6 +506,13 @@ def summarise(
             "n_bootstrap": cfg.eval.n_bootstrap,
         },
         "limits": LIMITS,
+        "model": {
+            "name": cfg.model.name,
+            "training_mode": training_mode(cfg),
+            "input_size": cfg.data.image_size,
+            "batch_size": cfg.train.batch_size,
+            "epochs": cfg.train.epochs,
+        },
         "leaky_image_split": cfg.data.leaky_image_split,
     }
     if n_rep > 1:
@@ -508,7 +554,7 @@ def write_oof(path: Path, ds: Dataset, arrays: dict[str, np.ndarray], threshold:
                 decision = ds.task.classes[max(others, key=lambda c: cal[c])]
             rows.append(
                 [s.path, ds.groups[i], s.label, rep, int(arrays["oof_fold"][rep, i]),
-                 *(f"{v:.6f}" for v in probs), *(f"{v:.6f}" for v in raws), decision]
+                 *(f"{v:.9f}" for v in probs), *(f"{v:.9f}" for v in raws), decision]
             )  # fmt: skip
     atomic_write_csv(path, header, rows)
 
@@ -524,6 +570,24 @@ def _check_same_folds(path: Path, ds: Dataset, plans: list[FoldPlan], cfg: Confi
         )
 
 
+def write_lesion_agreement(cfg: Config, ds: Dataset, run_dir: Path, log: Any) -> None:
+    """Where the fold models look, against the lesion masks (docs/explain.md), when it applies."""
+    if not cfg.eval.lesion_agreement or not any(s.mask_paths for s in ds.samples):
+        return
+    if cfg.data.preprocess != "stretch":  # heatmaps map back to the image only when stretched
+        log("lesion agreement: not computed for preprocess " + cfg.data.preprocess)
+        return
+    from breastcad.lesion_agreement import explain_run
+
+    t0 = time.perf_counter()
+    doc = explain_run(run_dir)
+    pg = doc["metrics"].get("pointing_game") or {}
+    log(
+        f"Grad-CAM pointing game on lesion masks {pg.get('value', float('nan')):.3f} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
+
+
 def run_cross_validation(
     cfg: Config, run_dir: Path, progress: bool = True, log: Any = print, resume: bool = False
 ) -> RunSummary:
@@ -535,19 +599,14 @@ def run_cross_validation(
             f"{run_dir}: folder exists and is not empty; continue it with "
             f"`breastcad train --resume {run_dir}` or choose another --out"
         )
-    ensure_dir(run_dir)
-    remove_stale_temp_files(run_dir)  # left by a run killed while writing its first file
-    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-    rt = runtime_settings(cfg.train)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    get_spec(cfg.model.name)  # fail early on an unknown model
-
+    cfg = with_model_defaults(cfg)  # also fails early on an unknown model
+    resolve_pretrained(cfg.model.name, cfg.model.pretrained)  # a missing file fails now
+    # Everything that can refuse the data runs before the run folder is made.
     source = load_source(cfg.data.path)
-    audit = run_audit(source, max_pixels=cfg.data.max_pixels, progress=progress)
-    audit.write(run_dir / "audit.json")
+    audit = run_audit(
+        source, max_pixels=cfg.data.max_pixels, progress=progress, preprocess=cfg.data.preprocess
+    )
     audit_text = audit.summary_text()
-    atomic_write_text(run_dir / "audit.txt", audit_text + "\n")
     log(audit_text)
     ds = select_task_samples(audit, cfg)
     plans = make_folds(
@@ -555,6 +614,15 @@ def run_cross_validation(
     )
     for plan in plans:
         assert_no_group_leak(plan, ds.groups)
+
+    ensure_dir(run_dir)
+    remove_stale_temp_files(run_dir)  # left by a run killed while writing its first file
+    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    audit.write(run_dir / "audit.json")
+    atomic_write_text(run_dir / "audit.txt", audit_text + "\n")
+    rt = runtime_settings(cfg.train)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if resume and (run_dir / "folds.json").exists():
         _check_same_folds(run_dir / "folds.json", ds, plans, cfg)
     else:  # a new run, or one killed before its folds were written
@@ -568,6 +636,7 @@ def run_cross_validation(
         cfg.data.image_size,
         cfg.data.cache_dir,
         cfg.data.max_pixels,
+        preprocess=cfg.data.preprocess,
     )
     images = torch.from_numpy(stack)
     per_class = ", ".join(
@@ -599,6 +668,7 @@ def run_cross_validation(
         "train_images_per_second": float(np.mean([r.images_per_second for r in results])),
     }
     atomic_write_json(run_dir / "metrics.json", metrics)
+    write_lesion_agreement(cfg, ds, run_dir, log)
     from breastcad.report import write_report  # imports matplotlib: only when a report is due
 
     write_report(run_dir, ds, results, arrays, stack)
