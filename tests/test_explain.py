@@ -203,7 +203,7 @@ def test_agreement_on_the_test_folds_is_written_and_shown_in_the_report(
 ) -> None:
     rc, stdout, stderr = cli(capsys, "explain", str(run["run"]), "--agreement")
     assert rc == 0, stderr
-    assert "pointing game" in stdout and "4x4 grid" in stdout
+    assert "pointing game" in stdout and "8x8 grid" in stdout  # last ReLU of 3 blocks, 32 px
     doc = json.loads((run["run"] / "lesion_agreement.json").read_text())
     assert doc["schema_version"] == 1
     assert doc["n_images"] == 16 and len(doc["per_image"]) == 16  # every test image has a mask
@@ -214,7 +214,7 @@ def test_agreement_on_the_test_folds_is_written_and_shown_in_the_report(
     for key in ("pointing_game", "energy_in_lesion", "iou_top20", "iou_otsu"):
         m = doc["metrics"][key]
         assert m["n"] == 16 and m["low"] <= m["value"] <= m["high"]
-    assert doc["heatmap_grid"] == [4, 4] and "4x4" in doc["resolution_note"]
+    assert doc["heatmap_grid"] == [8, 8] and "8x8" in doc["resolution_note"]
     assert set(doc["by_class"]) == {"benign", "malignant"}
     html = (run["run"] / "report.html").read_text()
     assert (

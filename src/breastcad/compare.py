@@ -311,6 +311,10 @@ def _csv_value(v: Any) -> Any:
     return "" if v is None else v
 
 
+def _params(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
+
+
 def _num(v: float | None) -> str:
     return "n/a" if v is None or math.isnan(v) else f"{v:.2f}"
 
@@ -355,7 +359,7 @@ def comparison_markdown(doc: dict[str, Any]) -> str:
             f"| {r['model']} | {r['training_mode']} | {r['input_size']} | {r['epochs']} | "
             f"{_ci(r, 'roc_auc')} | {_ci(r, 'sensitivity')} | {_ci(r, 'specificity')} | "
             f"{_ci(r, 'precision')} | {_ci(r, 'f1')} | {_ci(r, 'accuracy')} | "
-            f"{_ci(r, 'balanced_accuracy')} | {r['parameters'] / 1e6:.2f} M | "
+            f"{_ci(r, 'balanced_accuracy')} | {_params(r['parameters'])} | "
             f"{r['train_seconds']:.0f} | {r['train_images_per_second']:.0f} | "
             f"{r['inference_images_per_second']:.0f} | {_diff(r, doc['best'])} |"
         )

@@ -123,8 +123,22 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+class _Described:
+    """What both kinds of loaded model tell about themselves, from their fold cards."""
+
+    cards: list[dict[str, Any]]
+
+    @property
+    def card(self) -> dict[str, Any]:
+        return self.cards[0]
+
+    @property
+    def name(self) -> str:
+        return f"{self.card['architecture']} x{len(self.cards)}"
+
+
 @dataclass
-class Ensemble:
+class Ensemble(_Described):
     """The fold models of a run (or one fold) with the run's threshold, run with PyTorch."""
 
     models: list[nn.Module]
@@ -135,14 +149,6 @@ class Ensemble:
     members: list[str] = field(default_factory=list)  # fold folder names, e.g. fold-0
     run: dict[str, Any] = field(default_factory=dict)  # run_summary() of the run
     backend: str = "torch"
-
-    @property
-    def card(self) -> dict[str, Any]:
-        return self.cards[0]
-
-    @property
-    def name(self) -> str:
-        return f"{self.card['architecture']} x{len(self.cards)}"
 
     def probabilities(self, images: np.ndarray | torch.Tensor, rt: Runtime | None = None):
         """Calibrated ensemble probabilities (N, C) for uint8 model inputs (N, S, S)."""
@@ -159,7 +165,7 @@ class Ensemble:
 
 
 @dataclass
-class OnnxEnsemble:
+class OnnxEnsemble(_Described):
     """An exported model (``breastcad export --format onnx``) run with onnxruntime."""
 
     session: Any
@@ -172,14 +178,6 @@ class OnnxEnsemble:
     backend: str = "onnx"
     input_name: str = "image"
     models: list[nn.Module] = field(default_factory=list)  # none: no Grad-CAM on ONNX
-
-    @property
-    def card(self) -> dict[str, Any]:
-        return self.cards[0]
-
-    @property
-    def name(self) -> str:
-        return f"{self.card['architecture']} x{len(self.cards)}"
 
     def probabilities(self, images: np.ndarray | torch.Tensor, rt: Runtime | None = None):
         arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
