@@ -200,7 +200,9 @@ def inference_throughput(run: Path, n_images: int = 128, repeats: int = 2) -> fl
     from breastcad.checkpoint import load_fold_model
     from breastcad.engine import predict_logits, runtime_settings
 
-    fold_dir = next(p.parent for p in sorted(run.glob("**/DONE")))
+    from breastcad.predict import fold_dirs
+
+    fold_dir = fold_dirs(run)[0]
     model, card = load_fold_model(fold_dir)
     rt = runtime_settings(load_config(run / "config.yaml").train)
     model.to(rt.device)
@@ -219,7 +221,9 @@ def inference_throughput(run: Path, n_images: int = 128, repeats: int = 2) -> fl
 
 def _row(label: str, run: Path) -> dict[str, Any]:
     metrics = read_json(run / "metrics.json")
-    card = read_json(next(p.parent for p in sorted(run.glob("**/DONE"))) / "card.json")
+    from breastcad.predict import fold_dirs
+
+    card = read_json(fold_dirs(run)[0] / "card.json")
     cfg = load_config(run / "config.yaml")
     row: dict[str, Any] = {
         "model": label,

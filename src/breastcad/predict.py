@@ -198,8 +198,10 @@ def default_runtime() -> Runtime:
     return _RUNTIME
 
 
-def _fold_dirs(run_dir: Path) -> list[Path]:
-    return sorted(p.parent for p in run_dir.glob("**/DONE") if (p.parent / CARD).exists())
+def fold_dirs(run_dir: Path) -> list[Path]:
+    """Finished classification folds: fold-K/ and repeat-R/fold-K/ (not segmentation/...)."""
+    done = [*run_dir.glob("fold-*/DONE"), *run_dir.glob("repeat-*/fold-*/DONE")]
+    return sorted(p.parent for p in done if (p.parent / CARD).exists())
 
 
 def load_ensemble(path: str | Path, fold: int | None = None) -> Ensemble:
@@ -219,7 +221,7 @@ def load_ensemble(path: str | Path, fold: int | None = None) -> Ensemble:
         dirs, run_dir = [path], path.parent
     elif (path / "metrics.json").exists():
         run_dir = path
-        dirs = [run_dir / f"fold-{fold}"] if fold is not None else _fold_dirs(run_dir)
+        dirs = [run_dir / f"fold-{fold}"] if fold is not None else fold_dirs(run_dir)
         if fold is not None and not (dirs[0] / "DONE").exists():
             raise BreastcadError(f"{dirs[0]}: no finished fold {fold} in this run")
     else:

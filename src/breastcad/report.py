@@ -27,6 +27,7 @@ PLOT_FILES = {
     "confusion": "confusion.png",
     "reliability": "reliability.png",
     "samples": "sample_predictions.png",
+    "robustness": "robustness.png",  # written by `breastcad robustness`
 }
 
 
@@ -151,8 +152,11 @@ def render_report(run_dir: Path, plot_paths: dict[str, Path]) -> str:
     agreement = read_agreement(run_dir)
     if agreement is not None:
         agreement = {k: v for k, v in agreement.items() if k != "per_image"}
+    from breastcad.robustness import read_robustness
+
     template = env.get_template("report.html.j2")
     return template.render(
+        rb=read_robustness(run_dir),
         run_name=html.escape(run_dir.name),
         m=metrics,
         la=agreement,
@@ -168,6 +172,9 @@ def write_report(
     run_dir: Path, ds: Any, results: list[Any], arrays: dict[str, np.ndarray], stack: np.ndarray
 ) -> Path:
     plot_paths = make_plots(run_dir, ds, results, arrays, stack)
+    robustness = run_dir / "plots" / PLOT_FILES["robustness"]
+    if robustness.is_file():  # a collected or resumed run keeps its robustness curve
+        plot_paths["robustness"] = robustness
     return atomic_write_text(run_dir / "report.html", render_report(run_dir, plot_paths))
 
 
