@@ -199,7 +199,6 @@ def inference_throughput(run: Path, n_images: int = 128, repeats: int = 2) -> fl
 
     from breastcad.checkpoint import load_fold_model
     from breastcad.engine import predict_logits, runtime_settings
-
     from breastcad.predict import fold_dirs
 
     fold_dir = fold_dirs(run)[0]
