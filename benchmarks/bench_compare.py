@@ -59,9 +59,11 @@ def main() -> int:
         "name": f"compare-{args.name}",
         "date": time.strftime("%Y-%m-%d"),
         "command": "breastcad compare --data DATA "
-        + " ".join(f"--variant {v['label']}={dict(v['overrides'])['model.name']}"
-                   + "".join(f",{k}={val}" for k, val in v["overrides"][1:])
-                   for v in plan["variants"]),  # fmt: skip
+        + " ".join(
+            f"--variant {v['label']}={dict(v['overrides'])['model.name']}"
+            + "".join(f",{k}={val}" for k, val in v["overrides"][1:])
+            for v in plan["variants"]
+        ),  # fmt: skip
         "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
         "environment": env,
         "comparison": doc,
