@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: setup browser demo test lint clean
+.PHONY: setup browser postgres demo test lint clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,12 +19,17 @@ setup: $(BIN)/.installed
 browser:
 	scripts/install-chromium.sh
 
+# Debian's PostgreSQL, for the test of tuning workers sharing one study (starts its own server).
+postgres:
+	scripts/install-postgres.sh
+
 demo: setup
 	$(BIN)/breastcad train
 
-# Fast tests plus the bounded subset of slow real-data tests marked `ci`.
-test: setup browser
-	$(BIN)/python -m pytest -q -m "not slow or ci"
+# Fast tests plus the bounded subset of slow real-data tests marked `ci`, on 2 workers
+# (one test file per worker, so module fixtures are built once).
+test: setup browser postgres
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow or ci"
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks scripts

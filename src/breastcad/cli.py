@@ -23,6 +23,8 @@ EXAMPLES_TRAIN = """examples:
   breastcad train --data manifest.csv --task three-class --folds 10 --repeats 3
   breastcad train --config configs/default.yaml --set train.lr=1e-3 --set augment.enabled=false
   breastcad train --resume runs/busi-full               # continue after a crash or a kill
+  breastcad train --out runs/shared --fold 2            # one fold job; then: breastcad collect
+  torchrun --nproc_per_node 4 -m breastcad train --out runs/ddp   # data-parallel (DDP)
 """
 
 EXAMPLES_AUDIT = """examples:
@@ -85,6 +87,13 @@ def _add_train_parser(sub: Any) -> None:
         "--resume",
         metavar="RUN",
         help="continue an interrupted run folder with its own config (other settings refused)",
+    )
+    p.add_argument(
+        "--fold",
+        type=int,
+        metavar="K",
+        help="train only outer fold K (0-based, folder fold-K) into a shared run folder "
+        "(with --out or --resume); `breastcad collect RUN` merges the folds",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -240,9 +249,24 @@ def print_summary(summary: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from breastcad import distributed
+
+    try:
+        return _train(args)
+    except BreastcadError:
+        if not distributed.world_from_env().is_main:
+            return 2  # rank 0 says it once
+        raise
+    finally:
+        distributed.cleanup()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from breastcad import distributed
     from breastcad.config import load_config
     from breastcad.experiment import run_cross_validation
 
+    main_rank = distributed.world_from_env().is_main
     if args.resume:
         overrides = run_overrides(args)
         if overrides or args.config or args.out:
@@ -251,16 +275,35 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         run_dir = Path(args.resume)
         cfg = load_config(run_dir / "config.yaml")
-        summary = run_cross_validation(cfg, run_dir, progress=not args.quiet, resume=True)
-        print_summary(summary)
-        return 0
-    cfg = load_config(args.config, run_overrides(args))
-    if args.out:
-        run_dir = Path(args.out)
+        summary = run_cross_validation(
+            cfg, run_dir, progress=not args.quiet, resume=True, fold=args.fold
+        )
     else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{stamp}-{cfg.name or cfg.model.name}"
-    summary = run_cross_validation(cfg, run_dir, progress=not args.quiet)
+        cfg = load_config(args.config, run_overrides(args))
+        if args.out:
+            run_dir = Path(args.out)
+        elif args.fold is not None:
+            raise BreastcadError("--fold K writes into a run folder shared by the fold jobs: "
+                                 "give it with --out RUN")  # fmt: skip
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            run_dir = Path("runs") / f"{stamp}-{cfg.name or cfg.model.name}"
+        summary = run_cross_validation(cfg, run_dir, progress=not args.quiet, fold=args.fold)
+    if not main_rank:
+        return 0
+    if args.fold is not None:
+        from breastcad.experiment import missing_folds_in
+
+        missing = missing_folds_in(run_dir)
+        print(
+            f"fold-{args.fold} done in {sum(summary.fold_seconds):.0f} s; run folder {run_dir}; "
+            + (
+                f"still missing: {', '.join(missing)}"
+                if missing
+                else f"all folds done: `breastcad collect {run_dir}` merges them"
+            )
+        )
+        return 0
     print_summary(summary)
     return 0
 
@@ -304,6 +347,7 @@ COMMANDS = {"audit": cmd_audit, "train": cmd_train, "predict": cmd_predict}
 # ``breastcad --help`` stays fast.
 COMMAND_MODULES: tuple[str, ...] = (
     "export", "serve", "explain", "import_data", "compare", "models", "tune",
+    "evaluate", "collect", "robustness", "segment",
 )  # fmt: skip
 
 

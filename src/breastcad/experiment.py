@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import copy
 import csv
+import errno
+import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from breastcad import __version__
+from breastcad import __version__, distributed
 from breastcad.checkpoint import load_resume_state, save_fold_model, save_resume_state
 from breastcad.config import Config, training_mode, with_model_defaults
 from breastcad.data.audit import AuditReport, run_audit
@@ -36,7 +39,7 @@ from breastcad.data.sources import load_source
 from breastcad.data.splits import FoldPlan, assert_no_group_leak, make_folds
 from breastcad.engine import Runtime, predict_logits, runtime_settings, train_one_epoch
 from breastcad.envinfo import environment
-from breastcad.errors import DataError
+from breastcad.errors import BreastcadError, ConfigError, DataError
 from breastcad.io import (
     atomic_write_csv,
     atomic_write_json,
@@ -173,6 +176,12 @@ def train_fold(
     ).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    world = rt.world
+    net = model  # what trains: the model itself, or DDP around it under torchrun
+    if world.enabled:
+        # batch norm and dropout of the global batch: the same maths as one process
+        model = distributed.convert_for_global_batch(model, rt.device.type)
+        net = distributed.wrap(model, rt.device)
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, cfg), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
@@ -194,8 +203,12 @@ def train_fold(
     history: list[dict[str, float]] = []
     step, stale, images_seen, train_seconds, start_epoch = 0, 0, 0, 0.0, 0
     resume_path = fold_dir / RESUME if fold_dir is not None else None
-    if resume_path is not None and resume_path.exists():
+    state = None
+    if resume_path is not None and world.is_main and resume_path.exists():
         state = load_resume_state(resume_path)
+    if world.enabled and resume_path is not None:
+        state = distributed.broadcast(state)  # rank 0's run folder decides, for every rank
+    if state is not None:
         if state.get("fold_name") != plan.name or state.get("seed") != seed:
             raise DataError(f"{resume_path}: resume state of another fold or seed; remove it")
         model.load_state_dict(state["model"])
@@ -212,13 +225,13 @@ def train_fold(
         initial=start_epoch,
         total=cfg.train.epochs,
         desc=f"{plan.name} ({len(plan.train)} train / {len(plan.val)} val / {len(plan.test)} test)",
-        disable=not progress,
+        disable=not progress or not world.is_main,
         leave=True,
         dynamic_ncols=True,
     )
     for epoch in bar:
         stats, step = train_one_epoch(
-            model, images, targets, plan.train, optimizer, weights, cfg.train, cfg.augment,
+            net, images, targets, plan.train, optimizer, weights, cfg.train, cfg.augment,
             gen, rt, step, total_steps, warmup,
         )  # fmt: skip
         images_seen += stats.images
@@ -254,7 +267,7 @@ def train_fold(
             stale += 1
         if on_epoch is not None:
             on_epoch(epoch + 1, val_auc)
-        if resume_path is not None:
+        if resume_path is not None and world.is_main:
             # Everything needed to continue exactly here after a crash or a kill.
             save_resume_state(
                 resume_path,
@@ -320,7 +333,8 @@ def train_fold(
         "seed": seed,
         "breastcad_version": __version__,
     }
-    save_fold_model(fold_dir, model, card)
+    if world.is_main:
+        save_fold_model(fold_dir, model, card)
     seconds = time.perf_counter() - t_start
     return FoldResult(
         plan=plan,
@@ -559,14 +573,16 @@ def write_oof(path: Path, ds: Dataset, arrays: dict[str, np.ndarray], threshold:
     atomic_write_csv(path, header, rows)
 
 
-def _check_same_folds(path: Path, ds: Dataset, plans: list[FoldPlan], cfg: Config) -> None:
+def _check_same_folds(
+    path: Path, ds: Dataset, plans: list[FoldPlan], cfg: Config, fix: str = ""
+) -> None:
     """On resume, the data and settings must give exactly the folds the run started with."""
     saved = read_json(path)
     fresh = folds_document(ds, plans, cfg)
     if saved.get("samples") != fresh["samples"] or saved.get("repeats") != fresh["repeats"]:
         raise DataError(
             f"{path}: the data or settings changed since this run started; "
-            "start a new run instead of resuming"
+            + (fix or "start a new run instead of resuming")
         )
 
 
@@ -588,20 +604,18 @@ def write_lesion_agreement(cfg: Config, ds: Dataset, run_dir: Path, log: Any) ->
     )
 
 
-def run_cross_validation(
-    cfg: Config, run_dir: Path, progress: bool = True, log: Any = print, resume: bool = False
-) -> RunSummary:
-    if resume:
-        if not (run_dir / "config.yaml").exists():
-            raise DataError(f"{run_dir}: not a run folder that can be resumed (no config.yaml)")
-    elif run_dir.is_dir() and any(not p.name.endswith(".tmp") for p in run_dir.iterdir()):
-        raise DataError(
-            f"{run_dir}: folder exists and is not empty; continue it with "
-            f"`breastcad train --resume {run_dir}` or choose another --out"
-        )
-    cfg = with_model_defaults(cfg)  # also fails early on an unknown model
-    resolve_pretrained(cfg.model.name, cfg.model.pretrained)  # a missing file fails now
-    # Everything that can refuse the data runs before the run folder is made.
+class RunSetupError(DataError):
+    """A run folder that this job cannot write into (another run's, or other settings)."""
+
+
+class MissingFoldsError(DataError):
+    """``collect`` on a run whose folds are not all done."""
+
+
+def prepare_data(
+    cfg: Config, progress: bool, log: Any
+) -> tuple[AuditReport, str, Dataset, list[FoldPlan]]:
+    """Audit the data and make the grouped folds: what a run, a fold job and collect share."""
     source = load_source(cfg.data.path)
     audit = run_audit(
         source, max_pixels=cfg.data.max_pixels, progress=progress, preprocess=cfg.data.preprocess
@@ -614,23 +628,11 @@ def run_cross_validation(
     )
     for plan in plans:
         assert_no_group_leak(plan, ds.groups)
+    return audit, audit_text, ds, plans
 
-    ensure_dir(run_dir)
-    remove_stale_temp_files(run_dir)  # left by a run killed while writing its first file
-    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-    audit.write(run_dir / "audit.json")
-    atomic_write_text(run_dir / "audit.txt", audit_text + "\n")
-    rt = runtime_settings(cfg.train)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if resume and (run_dir / "folds.json").exists():
-        _check_same_folds(run_dir / "folds.json", ds, plans, cfg)
-    else:  # a new run, or one killed before its folds were written
-        atomic_write_json(run_dir / "folds.json", folds_document(ds, plans, cfg))
-    atomic_write_json(run_dir / "env.json", environment(rt))
 
-    t0 = time.perf_counter()
-    stack = load_stack(
+def load_images(cfg: Config, ds: Dataset) -> np.ndarray:
+    return load_stack(
         [s.path for s in ds.samples],
         ds.hashes,
         cfg.data.image_size,
@@ -638,28 +640,116 @@ def run_cross_validation(
         cfg.data.max_pixels,
         preprocess=cfg.data.preprocess,
     )
-    images = torch.from_numpy(stack)
-    per_class = ", ".join(
-        f"{c}: {int((ds.targets == i).sum())}" for i, c in enumerate(ds.task.classes)
-    )
-    log(
-        f"{len(ds.samples)} images ({per_class}) in {len(set(ds.groups))} groups, "
-        f"{cfg.data.image_size} px, loaded in "
-        f"{time.perf_counter() - t0:.1f} s; device {rt.device}, bf16 {'on' if rt.bf16 else 'off'}"
+
+
+def publish_once(path: Path, write: Callable[[Path], Any]) -> bool:
+    """Create ``path`` with ``write(tmp)`` unless it exists; True when this call created it.
+
+    The file is written completely under a private temporary name, then linked
+    to ``path`` (``link`` fails when ``path`` exists, atomically, also on NFS),
+    so of several jobs starting together exactly one creates it and the others
+    read the complete file.
+    """
+    if path.exists():
+        return False
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.publish"
+    try:
+        write(tmp)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as err:  # a file system without hard links: exclusive create
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(tmp.read_bytes())
+                fh.flush()
+                os.fsync(fh.fileno())
+            return True
+    except OSError as err:
+        raise RunSetupError(f"{path}: cannot write ({err.strerror or err})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_out_folder(run_dir: Path, resume: bool, fold: int | None) -> None:
+    """Which folders a run may write into (checked before anything is written)."""
+    if resume:
+        if not (run_dir / "config.yaml").exists():
+            raise DataError(f"{run_dir}: not a run folder that can be resumed (no config.yaml)")
+        return
+    if not run_dir.is_dir():
+        return
+    entries = [p for p in run_dir.iterdir() if not p.name.endswith((".tmp", ".publish"))]
+    if not entries:
+        return
+    if fold is not None and (run_dir / "config.yaml").exists():
+        return  # a shared run folder of fold jobs: its settings are compared on writing
+    raise DataError(
+        f"{run_dir}: folder exists and is not empty; continue it with "
+        f"`breastcad train --resume {run_dir}` or choose another --out"
     )
 
-    results = []
-    for plan in plans:
-        fold_dir = run_dir / plan.name
-        if (fold_dir / DONE).exists():
-            results.append(load_fold_outputs(fold_dir, plan))
-            log(f"{plan.name}: already done, reusing its predictions")
-            continue
-        ensure_dir(fold_dir)
-        res = train_fold(cfg, ds, images, plan, rt, fold_dir, progress)
-        save_fold_outputs(fold_dir, res, ds)
-        results.append(res)
 
+def _write_shared_files(
+    run_dir: Path,
+    cfg: Config,
+    audit: AuditReport,
+    audit_text: str,
+    ds: Dataset,
+    plans: list[FoldPlan],
+    rt: Runtime,
+    resume: bool,
+    fold: int | None,
+) -> None:
+    """config.yaml, audit, folds.json, env.json: rewritten by a run, created once by fold jobs."""
+    ensure_dir(run_dir)
+    if fold is None:
+        remove_stale_temp_files(run_dir)  # left by a run killed while writing its first file
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        audit.write(run_dir / "audit.json")
+        atomic_write_text(run_dir / "audit.txt", audit_text + "\n")
+        if resume and (run_dir / "folds.json").exists():
+            _check_same_folds(run_dir / "folds.json", ds, plans, cfg)
+        else:  # a new run, or one killed before its folds were written
+            atomic_write_json(run_dir / "folds.json", folds_document(ds, plans, cfg))
+        atomic_write_json(run_dir / "env.json", environment(rt))
+        return
+    # Fold jobs (perhaps many, starting together, on several machines) share these files:
+    # each is created exactly once, and every job checks that it agrees with it.
+    text = cfg.to_yaml()
+    publish_once(run_dir / "config.yaml", lambda t: atomic_write_text(t, text))
+    if (run_dir / "config.yaml").read_text(encoding="utf-8") != text:
+        raise RunSetupError(
+            f"{run_dir}: this run folder was started with other settings (config.yaml differs); "
+            f"give every --fold job the same settings, or use `--resume {run_dir} --fold {fold}`"
+        )
+    publish_once(run_dir / "audit.json", audit.write)
+    publish_once(run_dir / "audit.txt", lambda t: atomic_write_text(t, audit_text + "\n"))
+    doc = folds_document(ds, plans, cfg)
+    if not publish_once(run_dir / "folds.json", lambda t: atomic_write_json(t, doc)):
+        _check_same_folds(
+            run_dir / "folds.json", ds, plans, cfg,
+            fix="give every --fold job the same data and settings",
+        )  # fmt: skip
+    publish_once(run_dir / "env.json", lambda t: atomic_write_json(t, environment(rt)))
+
+
+def finish_run(
+    cfg: Config,
+    ds: Dataset,
+    results: list[FoldResult],
+    stack: np.ndarray,
+    run_dir: Path,
+    log: Any,
+) -> RunSummary:
+    """Pooled metrics, out-of-fold predictions, lesion agreement and report from the folds."""
     metrics, arrays = summarise(cfg, ds, results)
     threshold = metrics["operating_point"]["threshold"]
     write_oof(run_dir / "oof_predictions.csv", ds, arrays, threshold)
@@ -678,3 +768,125 @@ def run_cross_validation(
         fold_seconds=[r.seconds for r in results],
         images_per_second=metrics["timing"]["train_images_per_second"],
     )
+
+
+def run_cross_validation(
+    cfg: Config,
+    run_dir: Path,
+    progress: bool = True,
+    log: Any = print,
+    resume: bool = False,
+    fold: int | None = None,
+) -> RunSummary:
+    """Train every fold (or, with ``fold``, only outer fold ``fold`` of each repeat) into run_dir.
+
+    Under torchrun every rank runs this; all of them train each fold together
+    and only rank 0 writes. With ``fold`` the shared files are created once and
+    no summary is made (``collect_run`` makes it when all folds are done).
+    """
+    rt = runtime_settings(cfg.train, distributed=True)
+    world = rt.world
+    if not world.is_main:
+        progress, log = False, _quiet
+    error: BreastcadError | None = None
+    try:
+        if fold is not None and not 0 <= fold < cfg.cv.folds:
+            raise ConfigError(f"--fold {fold}: the run has folds 0 to {cfg.cv.folds - 1}")
+        _check_out_folder(run_dir, resume, fold)
+        cfg = with_model_defaults(cfg)  # also fails early on an unknown model
+        resolve_pretrained(cfg.model.name, cfg.model.pretrained)  # a missing file fails now
+        # Everything that can refuse the data runs before the run folder is made.
+        audit, audit_text, ds, plans = prepare_data(cfg, progress, log)
+    except BreastcadError as err:
+        error = err
+    distributed.agree(error)  # every rank stops together, before any rank writes
+    if world.is_main:
+        _write_shared_files(run_dir, cfg, audit, audit_text, ds, plans, rt, resume, fold)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    t0 = time.perf_counter()
+    stack = load_images(cfg, ds)
+    images = torch.from_numpy(stack)
+    per_class = ", ".join(
+        f"{c}: {int((ds.targets == i).sum())}" for i, c in enumerate(ds.task.classes)
+    )
+    procs = f", {world.size} processes" if world.enabled else ""
+    log(
+        f"{len(ds.samples)} images ({per_class}) in {len(set(ds.groups))} groups, "
+        f"{cfg.data.image_size} px, loaded in "
+        f"{time.perf_counter() - t0:.1f} s; device {rt.device}, bf16 {'on' if rt.bf16 else 'off'}"
+        + procs
+    )
+
+    results = []
+    todo = [p for p in plans if fold is None or p.fold == fold]
+    done = {p.name for p in todo if (run_dir / p.name / DONE).exists()} if world.is_main else None
+    done = distributed.broadcast(done)
+    for plan in todo:
+        fold_dir = run_dir / plan.name
+        if plan.name in done:
+            if world.is_main:
+                results.append(load_fold_outputs(fold_dir, plan))
+            log(f"{plan.name}: already done, reusing its predictions")
+            continue
+        if world.is_main:
+            ensure_dir(fold_dir)
+        res = train_fold(cfg, ds, images, plan, rt, fold_dir, progress)
+        if world.is_main:
+            save_fold_outputs(fold_dir, res, ds)
+        results.append(res)
+    distributed.barrier()  # every rank leaves once rank 0 has written the folds
+    if not world.is_main:
+        return RunSummary(run_dir=run_dir, metrics={})
+    if fold is not None:
+        return RunSummary(
+            run_dir=run_dir,
+            metrics={},
+            fold_seconds=[r.seconds for r in results],
+            images_per_second=float(np.mean([r.images_per_second for r in results])),
+        )
+    return finish_run(cfg, ds, results, stack, run_dir, log)
+
+
+def missing_folds(run_dir: Path, plans: list[FoldPlan]) -> list[str]:
+    return [p.name for p in plans if not (run_dir / p.name / DONE).exists()]
+
+
+def collect_run(run_dir: Path, progress: bool = True, log: Any = print) -> RunSummary:
+    """Merge the folds of a run trained by fold jobs into its metrics, predictions and report."""
+    from breastcad.config import load_config
+
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "folds.json").is_file():
+        raise DataError(f"{run_dir}: not a run folder (no config.yaml and folds.json)")
+    cfg = with_model_defaults(load_config(run_dir / "config.yaml"))
+    _, _, ds, plans = prepare_data(cfg, progress, _quiet)
+    _check_same_folds(
+        run_dir / "folds.json", ds, plans, cfg,
+        fix="collect needs the data the folds were trained on",
+    )  # fmt: skip
+    missing = missing_folds(run_dir, plans)
+    if missing:
+        raise MissingFoldsError(
+            f"{run_dir}: {len(missing)} of {len(plans)} folds not done (no DONE marker): "
+            f"{', '.join(missing)}; train each with `breastcad train --resume {run_dir} --fold K`"
+        )
+    results = [load_fold_outputs(run_dir / p.name, p) for p in plans]
+    stack = load_images(cfg, ds)
+    log(f"{len(results)} folds collected from {run_dir}")
+    return finish_run(cfg, ds, results, stack, run_dir, log)
+
+
+def _quiet(*_: Any) -> None:
+    pass
+
+
+def missing_folds_in(run_dir: Path) -> list[str]:
+    """The folds of a run folder (from its folds.json) that have no DONE marker yet."""
+    doc = read_json(run_dir / "folds.json")
+    names = [
+        f"fold-{k}" if r["repeat"] == 0 else f"repeat-{r['repeat']}/fold-{k}"
+        for r in doc["repeats"]
+        for k in range(int(doc["n_folds"]))
+    ]
+    return [n for n in names if not (run_dir / n / DONE).exists()]
