@@ -221,7 +221,7 @@ def test_agreement_on_the_test_folds_is_written_and_shown_in_the_report(
         "Heatmap resolution" in html and format_ci(doc["metrics"]["pointing_game"], 3)[:5] in html
     )
     assert read_agreement(run["run"])["n_images"] == 16
-    assert compare_cells(doc)["heatmap grid"] == "4x4 @ 32 px"
+    assert compare_cells(doc)["heatmap grid"] == "8x8 @ 32 px"
     # a subset, through the Python API
     sub = explain_run(run["run"], max_images=5)
     assert sub["n_images"] == 5 and sub["max_images"] == 5
