@@ -62,6 +62,8 @@ def test_nested_search_writes_fold_winners_and_a_best_yaml_train_accepts(
     assert sorted(set(studies)) == ["tune-final", "tune-fold-0", "tune-fold-1"]
     assert all(studies.count(s) == 3 for s in set(studies))
     assert (run / "plots" / "tune_tune-final_history.png").exists()
+    report = (run / "report.html").read_text()
+    assert "Hyperparameter search (nested)" in report and "tune-fold-1_history" in report
     best = yaml.safe_load((run / "best.yaml").read_text())
     assert best["model"]["name"] == "basic_cnn"
     again = run_cli(

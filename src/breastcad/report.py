@@ -165,6 +165,11 @@ def render_report(run_dir: Path, plot_paths: dict[str, Path]) -> str:
         config_text=config_text,
         env=envinfo,
         images={k: _inline_png(v) for k, v in plot_paths.items() if Path(v).is_file()},
+        # Optuna's plots of `breastcad tune`, one pair per study (outer folds, final)
+        tune_plots=[
+            (f.stem.removeprefix("tune_"), _inline_png(f))
+            for f in sorted((run_dir / "plots").glob("tune_*.png"))
+        ],
     )
 
 
