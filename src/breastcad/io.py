@@ -133,3 +133,14 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise BreastcadError(f"{path}: no such file") from None
     except (OSError, json.JSONDecodeError) as err:
         raise BreastcadError(f"{path}: cannot read JSON ({err})") from None
+
+
+def read_json_if_valid(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """An optional JSON document: None when the file is absent, unreadable or not an object."""
+    if not Path(path).is_file():
+        return None
+    try:
+        doc = read_json(path)
+    except BreastcadError:
+        return None
+    return doc if isinstance(doc, dict) else None

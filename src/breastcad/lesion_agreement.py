@@ -398,13 +398,7 @@ def explain_run(
 
 def read_agreement(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The run's ``lesion_agreement.json``, or None when it is absent or unreadable."""
-    from breastcad.io import read_json
+    from breastcad.io import read_json_if_valid
 
-    path = Path(run_dir) / FILENAME
-    if not path.is_file():
-        return None
-    try:
-        doc = read_json(path)
-    except BreastcadError:
-        return None
-    return doc if isinstance(doc.get("metrics"), dict) else None
+    doc = read_json_if_valid(Path(run_dir) / FILENAME)
+    return doc if doc is not None and isinstance(doc.get("metrics"), dict) else None

@@ -321,15 +321,9 @@ def plot_robustness(doc: dict[str, Any], out: str | os.PathLike[str]) -> Path:
 def read_robustness(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The run's ``robustness.json`` without its per-image rows (for the run report), or
     None when it is absent or unreadable."""
-    from breastcad.io import read_json
+    from breastcad.io import read_json_if_valid
 
-    path = Path(run_dir) / FILENAME
-    if not path.is_file():
-        return None
-    try:
-        doc = read_json(path)
-    except BreastcadError:
-        return None
-    if not isinstance(doc.get("shifts"), list) or "reference" not in doc:
+    doc = read_json_if_valid(Path(run_dir) / FILENAME)
+    if doc is None or not isinstance(doc.get("shifts"), list) or "reference" not in doc:
         return None
     return {k: v for k, v in doc.items() if k != "per_image"}

@@ -321,9 +321,6 @@ def run_tuning(
     """Nested search over the outer grouped folds, then a final search -> best.yaml."""
     from breastcad import experiment
     from breastcad.config import load_config
-    from breastcad.data.audit import run_audit
-    from breastcad.data.sources import load_source
-    from breastcad.data.splits import assert_no_group_leak, make_folds
     from breastcad.engine import runtime_settings
     from breastcad.envinfo import environment
     from breastcad.io import ensure_dir, remove_stale_temp_files
@@ -343,25 +340,17 @@ def run_tuning(
                 f"{run_dir}: folder exists and is not empty; continue it with "
                 f"`breastcad tune --resume {run_dir}` or choose another --out"
             )
-        cfg = with_model_defaults(cfg)
         if cfg.cv.repeats != 1:
             raise ConfigError("tune: cv.repeats must be 1 (one search per outer fold)")
     cfg = with_model_defaults(cfg)
-    source = load_source(cfg.data.path)
-    audit = run_audit(
-        source, max_pixels=cfg.data.max_pixels, progress=progress, preprocess=cfg.data.preprocess
-    )
-    ds = experiment.select_task_samples(audit, cfg)
-    plans = make_folds(ds.targets, ds.groups, cfg.cv.folds, cfg.seed, cfg.cv.val_fraction, 1)
-    for plan in plans:
-        assert_no_group_leak(plan, ds.groups)
+    audit, audit_text, ds, plans = experiment.prepare_data(cfg, progress, log)
     ensure_dir(run_dir)
     remove_stale_temp_files(run_dir)
     storage = storage or f"sqlite:///{(run_dir / 'optuna.db').resolve()}"
     if not resume:
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
         audit.write(run_dir / "audit.json")
-        atomic_write_text(run_dir / "audit.txt", audit.summary_text() + "\n")
+        atomic_write_text(run_dir / "audit.txt", audit_text + "\n")
         atomic_write_json(run_dir / "folds.json", experiment.folds_document(ds, plans, cfg))
         atomic_write_json(run_dir / PLAN_FILE, {"storage": storage, "study": study_prefix})
     else:
