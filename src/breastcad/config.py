@@ -27,7 +27,9 @@ class DataConfig:
     image_size: int | None = None  # None: the model's registered input size
     max_pixels: int = 40_000_000
     cache_dir: str | None = None  # None: $XDG_CACHE_HOME/breastcad or ~/.cache/breastcad
-    preprocess: str = "stretch"  # stretch | breast-crop (whole mammograms)
+    preprocess: str = "stretch"  # stretch | breast-crop (whole mammograms) | lesion-crop
+    crop_margin: float = 0.3  # lesion-crop: added on each side, share of the lesion's longer side
+    crop_min_side: float = 0.1  # lesion-crop: smallest box, share of the image's shorter side
 
 
 @dataclass
@@ -80,6 +82,7 @@ class TrainConfig:
     channels_last: bool = True
     threads: int = 0  # 0: one per core
     deterministic: bool = True
+    compile: bool = False  # torch.compile the model (the first steps pay for compiling)
 
 
 @dataclass
@@ -101,6 +104,18 @@ class TuneConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """The lesion segmentation a ``lesion-crop`` run trains first, on its own folds."""
+
+    model: str = "lraspp_mobilenet_v3_large"
+    epochs: int = 30
+    image_size: int = 128
+    batch_size: int = 16
+    lr: float = 2e-3
+    reuse: str | None = None  # a run folder with segmentation/ models on the same folds
+
+
+@dataclass
 class Config:
     seed: int = 0
     name: str = ""
@@ -111,6 +126,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -235,9 +251,18 @@ def validate(cfg: Config) -> None:
             "data.image_size must be at least 16",
         ),
         (
-            cfg.data.preprocess in ("stretch", "breast-crop"),
-            "data.preprocess must be stretch or breast-crop",
+            cfg.data.preprocess in ("stretch", "breast-crop", "lesion-crop"),
+            "data.preprocess must be stretch, breast-crop or lesion-crop",
         ),
+        (0.0 <= cfg.data.crop_margin <= 2.0, "data.crop_margin must be between 0 and 2"),
+        (0.0 <= cfg.data.crop_min_side <= 1.0, "data.crop_min_side must be between 0 and 1"),
+        (
+            cfg.data.preprocess != "lesion-crop" or cfg.cv.repeats == 1,
+            "data.preprocess lesion-crop needs cv.repeats 1 (its segmentation models are "
+            "trained on one set of folds)",
+        ),
+        (cfg.segment.epochs >= 1, "segment.epochs must be at least 1"),
+        (cfg.segment.image_size >= 32, "segment.image_size must be at least 32"),
         (cfg.tune.trials >= 1, "tune.trials must be at least 1"),
         (cfg.tune.epochs >= 1, "tune.epochs must be at least 1"),
         (

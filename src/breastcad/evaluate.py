@@ -123,9 +123,12 @@ def _external_samples(
 
 
 def _decode_stack(
-    samples: list[Any], card: dict[str, Any], max_pixels: int
+    samples: list[Any], card: dict[str, Any], max_pixels: int, cropper: Any = None
 ) -> tuple[list[int], np.ndarray, list[dict[str, str]]]:
-    """Model inputs (N, S, S) uint8 of the samples that decode now; the others listed."""
+    """Model inputs (N, S, S) uint8 of the samples that decode now; the others listed.
+
+    ``cropper``: a lesion-crop run's segmentation models, which find each lesion.
+    """
     from breastcad.data.cache import prepare_for_model
     from breastcad.data.imageio import read_image
     from breastcad.errors import ImageReadError
@@ -133,7 +136,9 @@ def _decode_stack(
     kept, arrays, bad = [], [], []
     for i, s in enumerate(samples):
         try:
-            arrays.append(prepare_for_model(read_image(s.path, max_pixels=max_pixels), card))
+            arrays.append(
+                prepare_for_model(read_image(s.path, max_pixels=max_pixels), card, cropper)
+            )
             kept.append(i)
         except ImageReadError as err:
             bad.append({"path": s.path, "problem": err.problem})
@@ -238,7 +243,7 @@ def evaluate_run(
             f"({', '.join(task.label_map)}) left to evaluate"
         )
 
-    kept, stack, late_bad = _decode_stack(samples, card, max_pixels)
+    kept, stack, late_bad = _decode_stack(samples, card, max_pixels, ens.cropper)
     left_out["unreadable"] += late_bad
     samples = [samples[i] for i in kept]
     if not samples:
@@ -315,6 +320,8 @@ def evaluate_run(
         )
     elif len(set(targets.tolist())) >= 2:
         doc["multiclass"] = to_dict(multiclass_metrics(targets, cal, classes))
+    if ens.cropper is not None:  # a lesion-crop run: how often no lesion was found
+        doc["lesion_crop"] = {"model_inputs": dict(ens.cropper.counts)}
     doc["segmentation"] = _segmentation_part(run_dir, samples, max_pixels, rt, n_boot, seed, level)
     doc["limits"] = _limits(doc)
 

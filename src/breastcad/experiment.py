@@ -34,6 +34,7 @@ from breastcad.checkpoint import load_resume_state, save_fold_model, save_resume
 from breastcad.config import Config, training_mode, with_model_defaults
 from breastcad.data.audit import AuditReport, run_audit
 from breastcad.data.cache import load_stack, preprocessing_card
+from breastcad.data.patches import card_entry as patch_card_entry
 from breastcad.data.records import Sample, Task, get_task
 from breastcad.data.sources import load_source
 from breastcad.data.splits import FoldPlan, assert_no_group_leak, make_folds
@@ -182,6 +183,8 @@ def train_fold(
         # batch norm and dropout of the global batch: the same maths as one process
         model = distributed.convert_for_global_batch(model, rt.device.type)
         net = distributed.wrap(model, rt.device)
+    if cfg.train.compile:
+        model.compile()  # in place: the state-dict keys stay the same for saving and resuming
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, cfg), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
@@ -318,7 +321,7 @@ def train_fold(
         "pretrained": cfg.model.pretrained,
         "input_size": cfg.data.image_size,
         "preprocessing": {
-            **preprocessing_card(cfg.data.preprocess),
+            **preprocessing_card(cfg.data.preprocess, crop_rule_card(cfg)),
             "intensity": "grayscale [0,1] -> uint8 -> per-image standardisation",
             "tta": "mean of logits over image and horizontal mirror" if cfg.eval.tta else "none",
         },
@@ -332,6 +335,7 @@ def train_fold(
         "fold": plan.fold,
         "seed": seed,
         "breastcad_version": __version__,
+        **patch_card_entry(cfg.data.path),  # patch runs: the patch side, for sliding windows
     }
     if world.is_main:
         save_fold_model(fold_dir, model, card)
@@ -748,9 +752,12 @@ def finish_run(
     stack: np.ndarray,
     run_dir: Path,
     log: Any,
+    lesion_crop: dict[str, Any] | None = None,
 ) -> RunSummary:
     """Pooled metrics, out-of-fold predictions, lesion agreement and report from the folds."""
     metrics, arrays = summarise(cfg, ds, results)
+    if lesion_crop is not None:
+        metrics["lesion_crop"] = lesion_crop
     threshold = metrics["operating_point"]["threshold"]
     write_oof(run_dir / "oof_predictions.csv", ds, arrays, threshold)
     metrics["timing"] = {
@@ -792,6 +799,11 @@ def run_cross_validation(
     try:
         if fold is not None and not 0 <= fold < cfg.cv.folds:
             raise ConfigError(f"--fold {fold}: the run has folds 0 to {cfg.cv.folds - 1}")
+        if cfg.data.preprocess == "lesion-crop" and (fold is not None or world.enabled):
+            raise ConfigError(
+                "data.preprocess lesion-crop trains its segmentation models first: run it as "
+                "one job (no --fold, no torchrun)"
+            )
         _check_out_folder(run_dir, resume, fold)
         cfg = with_model_defaults(cfg)  # also fails early on an unknown model
         resolve_pretrained(cfg.model.name, cfg.model.pretrained)  # a missing file fails now
@@ -806,7 +818,12 @@ def run_cross_validation(
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     t0 = time.perf_counter()
-    stack = load_images(cfg, ds)
+    crops = None
+    if cfg.data.preprocess == "lesion-crop":
+        crops = lesion_crop_inputs(cfg, ds, plans, run_dir, rt, log)
+        stack = crops.out_of_fold
+    else:
+        stack = load_images(cfg, ds)
     images = torch.from_numpy(stack)
     per_class = ", ".join(
         f"{c}: {int((ds.targets == i).sum())}" for i, c in enumerate(ds.task.classes)
@@ -832,7 +849,8 @@ def run_cross_validation(
             continue
         if world.is_main:
             ensure_dir(fold_dir)
-        res = train_fold(cfg, ds, images, plan, rt, fold_dir, progress)
+        fold_images = images if crops is None else torch.from_numpy(crops.for_fold(plan))
+        res = train_fold(cfg, ds, fold_images, plan, rt, fold_dir, progress)
         if world.is_main:
             save_fold_outputs(fold_dir, res, ds)
         results.append(res)
@@ -846,7 +864,32 @@ def run_cross_validation(
             fold_seconds=[r.seconds for r in results],
             images_per_second=float(np.mean([r.images_per_second for r in results])),
         )
-    return finish_run(cfg, ds, results, stack, run_dir, log)
+    return finish_run(
+        cfg, ds, results, stack, run_dir, log, crops.fallbacks if crops is not None else None
+    )
+
+
+def lesion_crop_inputs(
+    cfg: Config, ds: Dataset, plans: list[FoldPlan], run_dir: Path, rt: Runtime, log: Any
+) -> Any:
+    """Segmentation on the run's own folds, then the lesion crops (breastcad.lesion_crop)."""
+    from breastcad.lesion_crop import run_crop_inputs
+
+    def check(path: Path) -> None:
+        _check_same_folds(path, ds, plans, cfg, fix="segment.reuse needs a run on the same folds")
+
+    return run_crop_inputs(
+        cfg, [s.path for s in ds.samples], [s.mask_paths for s in ds.samples], plans, run_dir,
+        rt, check, log,
+    )  # fmt: skip
+
+
+def crop_rule_card(cfg: Config) -> dict[str, Any] | None:
+    if cfg.data.preprocess != "lesion-crop":
+        return None
+    from breastcad.lesion_crop import CropRule
+
+    return CropRule(cfg.data.crop_margin, cfg.data.crop_min_side).card()
 
 
 def missing_folds(run_dir: Path, plans: list[FoldPlan]) -> list[str]:
@@ -872,9 +915,13 @@ def collect_run(run_dir: Path, progress: bool = True, log: Any = print) -> RunSu
             f"{', '.join(missing)}; train each with `breastcad train --resume {run_dir} --fold K`"
         )
     results = [load_fold_outputs(run_dir / p.name, p) for p in plans]
-    stack = load_images(cfg, ds)
+    if cfg.data.preprocess == "lesion-crop":  # its segmentation models are reused, not retrained
+        crops = lesion_crop_inputs(cfg, ds, plans, run_dir, runtime_settings(cfg.train), log)
+        stack, fallbacks = crops.out_of_fold, crops.fallbacks
+    else:
+        stack, fallbacks = load_images(cfg, ds), None
     log(f"{len(results)} folds collected from {run_dir}")
-    return finish_run(cfg, ds, results, stack, run_dir, log)
+    return finish_run(cfg, ds, results, stack, run_dir, log, fallbacks)
 
 
 def _quiet(*_: Any) -> None:

@@ -207,6 +207,11 @@ def export_model(
     """Write the exported model and its sidecar; returns (model path, sidecar path, sidecar)."""
     if fmt not in FORMATS:
         raise BreastcadError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if getattr(ens, "cropper", None) is not None:
+        raise BreastcadError(
+            f"{ens.source}: a lesion-crop run cannot be exported yet (its segmentation step is "
+            "not part of the graph); use predict or serve on the run folder"
+        )
     out = Path(out)
     side = sidecar_path(out)
     for p in (out, side):

@@ -32,6 +32,7 @@ from breastcad.data.records import BadFile
 from breastcad.engine import Runtime, predict_logits
 from breastcad.errors import BreastcadError, ImageReadError, printable
 from breastcad.io import read_json
+from breastcad.lesion_crop import crop_column
 from breastcad.metrics import apply_temperature
 
 # File names that hold pickles (torch.save, pickle.dump): never loaded.
@@ -149,6 +150,7 @@ class Ensemble(_Described):
     members: list[str] = field(default_factory=list)  # fold folder names, e.g. fold-0
     run: dict[str, Any] = field(default_factory=dict)  # run_summary() of the run
     backend: str = "torch"
+    cropper: Any = None  # lesion-crop runs: the run's segmentation models + crop rule
 
     def probabilities(self, images: np.ndarray | torch.Tensor, rt: Runtime | None = None):
         """Calibrated ensemble probabilities (N, C) for uint8 model inputs (N, S, S)."""
@@ -238,6 +240,11 @@ def load_ensemble(path: str | Path, fold: int | None = None) -> Ensemble:
         )
     threshold = float(read_json(metrics_path)["operating_point"]["threshold"])
     loaded = [load_fold_model(d) for d in dirs]
+    cropper = None
+    if loaded[0][1].get("preprocessing", {}).get("mode") == "lesion-crop":
+        from breastcad.lesion_crop import LesionCropper
+
+        cropper = LesionCropper.for_run(run_dir, loaded[0][1])
     return Ensemble(
         models=[m for m, _ in loaded],
         cards=[c for _, c in loaded],
@@ -246,6 +253,7 @@ def load_ensemble(path: str | Path, fold: int | None = None) -> Ensemble:
         version=_digest(dirs, threshold),
         members=[str(d.relative_to(run_dir)) if d != run_dir else d.name for d in dirs],
         run=run_summary(run_dir),
+        cropper=cropper,
     )
 
 
@@ -429,19 +437,29 @@ def predict_images(
     bad: list[BadFile] = []
     classes = ens.card["class_names"]
     pos = classes.index(ens.card["positive_class"])
+    cropper = getattr(ens, "cropper", None)
     for start in range(0, len(paths), batch_size):
-        arrays, kept = [], []
+        arrays, kept, crops = [], [], []
         for p in paths[start : start + batch_size]:
             try:
-                arrays.append(prepare_for_model(read_image(p, max_pixels=max_pixels), ens.card))
-                kept.append(p)
+                img = read_image(p, max_pixels=max_pixels)
             except ImageReadError as err:
                 bad.append(BadFile(p, err.problem))
+                continue
+            if cropper is not None:  # lesion-crop model: say where each input came from
+                arr, found = cropper(img)
+                crops.append(crop_column(found))
+            else:
+                arr = prepare_for_model(img, ens.card)
+            arrays.append(arr)
+            kept.append(p)
         if not kept:
             continue
         probs = ens.probabilities(np.stack(arrays), rt)
         for i, (p, decision) in enumerate(zip(kept, decide(probs, ens), strict=True)):
             row = {"path": p, "prob": float(probs[i, pos]), "decision": decision}
+            if crops:
+                row["crop"] = crops[i]
             if len(classes) > 2:
                 row.update({f"prob_{c}": float(probs[i, k]) for k, c in enumerate(classes)})
             rows.append(row)

@@ -89,6 +89,7 @@ def robustness_run(
     from breastcad.evaluate import fold_probabilities, runtime
     from breastcad.io import atomic_write_json, read_json
     from breastcad.lesion_agreement import _read_config
+    from breastcad.lesion_crop import fold_cropper
 
     t0 = time.perf_counter()
     say = log or (lambda _m: None)
@@ -129,6 +130,7 @@ def robustness_run(
         if not (fold_dir / "DONE").exists():
             raise BreastcadError(f"{fold_dir}: fold {k} is not finished; cannot score its test")
         model, card = load_fold_model(fold_dir)
+        cropper = fold_cropper(run_dir, k, card)  # lesion-crop runs: fold K's segmentation
         card0 = card0 or card
         pos = card["class_names"].index(card["positive_class"])
         pos_name = card["positive_class"]
@@ -147,7 +149,7 @@ def robustness_run(
                 shown = (
                     img if shift is None else shift.apply(img, lv, image_rng(seed, s_idx, l_idx, i))
                 )
-                stack.append(prepare_for_model(shown, card))
+                stack.append(prepare_for_model(shown, card, cropper))
             if not stack:
                 continue
             cal, _ = fold_probabilities(model, card, np.stack(stack), rt)

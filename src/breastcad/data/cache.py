@@ -37,7 +37,7 @@ from breastcad.io import atomic_write_bytes, ensure_dir
 
 # Bump when the resize or intensity rule changes: old entries are then unused.
 PREPROCESS_VERSION = "stretch-bilinear-v1"
-PREPROCESS_MODES = ("stretch", "breast-crop")
+PREPROCESS_MODES = ("stretch", "breast-crop", "lesion-crop")
 
 
 def default_cache_dir() -> Path:
@@ -67,13 +67,26 @@ def preprocess(img: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
         from breastcad.data.mammo import breast_crop
 
         return breast_crop(img, size)
+    if mode == "lesion-crop":
+        raise ConfigError(
+            "lesion-crop inputs are cut around a lesion mask: they need the run's segmentation "
+            "models (breastcad.lesion_crop), not the image cache"
+        )
     return resize_to_uint8(img, size)
 
 
-def preprocessing_card(mode: str = "stretch") -> dict[str, str]:
+def preprocessing_card(mode: str = "stretch", crop: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a fold's card records under ``preprocessing`` for ``mode`` (read back by
-    :func:`prepare_for_model`)."""
-    if check_mode(mode) == "breast-crop":
+    :func:`prepare_for_model`); ``crop`` is the lesion-crop rule (``CropRule.card()``)."""
+    if check_mode(mode) == "lesion-crop":
+        return {
+            "version": PREPROCESS_VERSION,
+            "mode": mode,
+            **(crop or {}),
+            "mask": "mean of the run's segmentation models (RUN/segmentation) on the whole image",
+            "resize": "lesion crop (see crop), bilinear",
+        }
+    if mode == "breast-crop":
         from breastcad.data.mammo import MAMMO_VERSION
 
         return {
@@ -86,7 +99,7 @@ def preprocessing_card(mode: str = "stretch") -> dict[str, str]:
     return {"version": PREPROCESS_VERSION, "mode": mode, "resize": "stretch to square, bilinear"}
 
 
-def prepare_for_model(img: np.ndarray, card: dict[str, Any]) -> np.ndarray:
+def prepare_for_model(img: np.ndarray, card: dict[str, Any], cropper: Any = None) -> np.ndarray:
     """The model input for a decoded [0, 1] image, by the rule recorded in a fold's card.
 
     Every user of a trained model (predict, export checks, serve, explain) goes
@@ -94,6 +107,13 @@ def prepare_for_model(img: np.ndarray, card: dict[str, Any]) -> np.ndarray:
     Cards written before modes existed have no ``mode``: they mean ``stretch``.
     """
     mode = (card.get("preprocessing") or {}).get("mode", "stretch")
+    if mode == "lesion-crop":  # the box comes from the run's segmentation models
+        if cropper is None:
+            raise ConfigError(
+                "this model classifies lesion crops: load it from its run folder, whose "
+                "segmentation models find the lesion"
+            )
+        return cropper(img)[0]
     return preprocess(img, int(card["input_size"]), mode)
 
 

@@ -126,8 +126,13 @@ class Service:
         t0 = time.perf_counter()
         with self._decodes:
             img = decode(upload, self.settings.max_pixels)
-            x = prepare_for_model(img, self.model.card)
-            display = _display_image(img) if heatmap else None
+            cropper = getattr(self.model, "cropper", None)
+            if cropper is not None:  # lesion-crop model: the heatmap is drawn on the crop
+                x, found = cropper(img)
+                display = x if heatmap else None
+            else:
+                x, found = prepare_for_model(img, self.model.card), None
+                display = _display_image(img) if heatmap else None
         h, w = img.shape
         del img
         with self._model_lock:
@@ -147,6 +152,10 @@ class Service:
             "image": {"width": int(w), "height": int(h)},
             "disclaimer": DISCLAIMER,
         }
+        if found is not None:
+            from breastcad.lesion_crop import crop_column
+
+            out["model_input"] = crop_column(found)
         if heatmap:
             if heat is None:
                 out["heatmap"] = None
