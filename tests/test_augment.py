@@ -80,3 +80,42 @@ def test_standardize_and_to_float() -> None:
     z = standardize(x)
     assert torch.allclose(z.mean(dim=(1, 2, 3)), torch.zeros(3), atol=1e-5)
     assert torch.allclose(z.std(dim=(1, 2, 3)), torch.ones(3), atol=1e-2)
+
+
+def _high_frequency(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference between neighbouring pixels, per image."""
+    return (x[..., :, 1:] - x[..., :, :-1]).abs().mean(dim=(1, 2, 3))
+
+
+def test_blur_softens_each_image_by_its_own_sigma_and_keeps_the_mean() -> None:
+    from breastcad.data.augment import gaussian_blur
+
+    x = torch.rand(3, 1, 32, 32)
+    out = gaussian_blur(x, torch.tensor([1e-4, 1.0, 3.0]))
+    assert out.shape == x.shape
+    assert torch.allclose(out[0], x[0], atol=1e-5)  # sigma ~ 0: unchanged
+    hf = _high_frequency(out)
+    assert hf[0] > hf[1] > hf[2]  # more blur, fewer sharp edges
+    assert torch.allclose(out.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=0.02)
+    # the same image alone gets the same blur: the batch is the per-image definition (up to
+    # where the kernel is cut: 3 sigma of the batch's largest sigma, not of this one's)
+    assert torch.allclose(gaussian_blur(x[1:2], torch.tensor([1.0])), out[1:2], atol=1e-3)
+
+
+def test_lower_resolution_keeps_the_shape_and_loses_detail() -> None:
+    from breastcad.data.augment import down_up
+
+    x = torch.rand(2, 1, 32, 32)
+    out = down_up(x, torch.tensor([1.0, 4.0]))
+    assert out.shape == x.shape
+    assert torch.allclose(out[0], x[0], atol=1e-5)  # factor 1: unchanged
+    assert _high_frequency(out)[1] < 0.5 * _high_frequency(x)[1]
+
+
+def test_site_style_changes_are_off_by_default_and_drawn_only_when_on() -> None:
+    x = torch.rand(4, 1, 24, 24)
+    base = augment_batch(x, AugmentConfig(), torch.Generator().manual_seed(3))
+    on = dataclasses.replace(AugmentConfig(), blur=2.0, resolution=4.0)
+    site = augment_batch(x, on, torch.Generator().manual_seed(3))
+    assert site.shape == x.shape and 0 <= site.min() and site.max() <= 1
+    assert _high_frequency(site).mean() < _high_frequency(base).mean()

@@ -64,6 +64,8 @@ class AugmentConfig:
     contrast: float = 0.1
     gamma: float = 0.1
     speckle: float = 0.05
+    blur: float = 0.0  # maximum Gaussian blur sigma in pixels of the input (0: off)
+    resolution: float = 1.0  # maximum down-and-up-sampling factor (1: off)
 
 
 @dataclass
@@ -261,6 +263,8 @@ def validate(cfg: Config) -> None:
             "data.preprocess lesion-crop needs cv.repeats 1 (its segmentation models are "
             "trained on one set of folds)",
         ),
+        (0.0 <= cfg.augment.blur <= 10.0, "augment.blur must be between 0 and 10 pixels"),
+        (1.0 <= cfg.augment.resolution <= 16.0, "augment.resolution must be between 1 and 16"),
         (cfg.segment.epochs >= 1, "segment.epochs must be at least 1"),
         (cfg.segment.image_size >= 32, "segment.image_size must be at least 32"),
         (cfg.tune.trials >= 1, "tune.trials must be at least 1"),

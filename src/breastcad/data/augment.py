@@ -3,8 +3,10 @@
 One affine warp per image (flip, rotation, shear, scale, shift) done for the
 whole batch with a single ``affine_grid`` + ``grid_sample`` call, then
 intensity changes (brightness, contrast, gamma) and multiplicative speckle,
-the noise ultrasound images really have. The per-sample definition is the
-same maths applied to a batch of one; a test checks the two agree.
+the noise ultrasound images really have; optionally, site-style blur and a
+lower resolution (``augment.blur``, ``augment.resolution``: off by default).
+The per-sample definition is the same maths applied to a batch of one; a test
+checks the two agree.
 """
 
 from __future__ import annotations
@@ -72,4 +74,39 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
     if cfg.speckle > 0:
         noise = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
         x = x * (1 + per_image(0, cfg.speckle) * noise)
+    # Site-style changes, drawn only when enabled (so default runs keep their random stream).
+    if cfg.blur > 0:
+        x = gaussian_blur(x, per_image(0, cfg.blur).flatten())
+    if cfg.resolution > 1:
+        x = down_up(x, per_image(1, cfg.resolution).flatten())
     return x.clamp_(0, 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each image (B, 1, H, W) with its own Gaussian sigma (pixels): a softer probe.
+
+    One separable depthwise convolution for the whole batch (each image a group).
+    """
+    n, _, h, w = x.shape
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
+    k = k / k.sum(dim=1, keepdim=True)  # sigma ~ 0: a delta, the image unchanged
+    y = x.reshape(1, n, h, w)
+    y = F.pad(y, (radius, radius, radius, radius), mode="replicate")
+    y = F.conv2d(y, k[:, None, None, :], groups=n)
+    y = F.conv2d(y, k[:, None, :, None], groups=n)
+    return y.reshape(n, 1, h, w)
+
+
+def down_up(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Down-sample each image by its own factor (area) and back up (bilinear): a
+    lower-resolution export. A loop over the batch: sizes differ per image."""
+    n, _, h, w = x.shape
+    out = torch.empty_like(x)
+    for i in range(n):
+        f = float(factor[i])
+        small = (max(4, round(h / f)), max(4, round(w / f)))
+        y = F.interpolate(x[i : i + 1], size=small, mode="area")
+        out[i : i + 1] = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+    return out
