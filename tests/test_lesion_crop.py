@@ -123,6 +123,8 @@ def test_train_segments_first_and_records_the_crop_rule(crop_run) -> None:
     lc = metrics["lesion_crop"]
     assert 0 <= lc["test_fallbacks"] <= 16 and "dice" in lc["segmentation"]
     assert sum(f["n_test"] for f in lc["per_fold"].values()) == 16
+    report = (run / "report.html").read_text()
+    assert "Lesion-centred inputs" in report and "predicted by that fold" in report
 
 
 def test_predict_and_evaluate_crop_with_the_runs_segmentation(crop_run, tmp_path) -> None:
