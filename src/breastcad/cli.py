@@ -105,6 +105,7 @@ EXAMPLES_PREDICT = """examples:
   breastcad predict runs/demo --fold 2 case17.dcm          # the same
   breastcad predict demo.onnx ~/scans/                     # an exported model (onnxruntime)
   breastcad predict runs/demo ~/scans/ --backend onnx      # the run, run by onnxruntime
+  breastcad predict runs/patches mammo.dcm --sliding-window # a patch model over a whole image
 """
 
 
@@ -131,6 +132,21 @@ def _add_predict_parser(sub: Any) -> None:
         choices=("torch", "onnx"),
         default=None,
         help="torch (default for runs) or onnx (onnxruntime; default for .onnx files)",
+    )
+    p.add_argument(
+        "--sliding-window",
+        action="store_true",
+        help="whole mammograms with a patch model (trained on `breastcad patches` output): "
+        "p = max over windows of the patch size inside the breast; reports the top window",
+    )
+    p.add_argument(
+        "--stride",
+        type=float,
+        default=None,
+        help="with --sliding-window: step between windows as a share of their side (default 0.5)",
+    )
+    p.add_argument(
+        "--heatmaps", metavar="DIR", help="with --sliding-window: one window-map PNG per image"
     )
 
 
@@ -315,9 +331,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.backend == "torch" and str(args.model).lower().endswith(".onnx"):
         raise BreastcadError(f"{args.model}: an .onnx file runs with --backend onnx only")
+    if not args.sliding_window and (args.stride is not None or args.heatmaps):
+        raise BreastcadError("--stride and --heatmaps go with --sliding-window")
     ens = load_model(args.model, args.fold, backend=args.backend or "torch")
     paths = expand_inputs(args.images)
-    rows, bad = predict_images(ens, paths)
+    if args.sliding_window:
+        from breastcad.sliding_window import DEFAULT_STRIDE, predict_sliding
+
+        stride = DEFAULT_STRIDE if args.stride is None else args.stride
+        rows, bad = predict_sliding(ens, paths, stride, heatmaps=args.heatmaps)
+    else:
+        rows, bad = predict_images(ens, paths)
     for b in bad:
         print(f"skipped {printable(b.path)}: {b.problem}", file=sys.stderr)
     if not rows:
@@ -336,7 +360,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         pos = ens.card["positive_class"]
         print(f"# model {model}, version {ens.version}, threshold {ens.threshold:.3f}")
         for r in rows:
-            print(f"{printable(r['path'])}\tp({pos})={r['prob']:.3f}\t{r['decision']}")
+            where = (
+                f"\twindow {r['window_x0']},{r['window_y0']}-{r['window_x1']},{r['window_y1']}"
+                if "window_x0" in r
+                else ""
+            )
+            print(f"{printable(r['path'])}\tp({pos})={r['prob']:.3f}\t{r['decision']}{where}")
     return 0
 
 
@@ -347,7 +376,7 @@ COMMANDS = {"audit": cmd_audit, "train": cmd_train, "predict": cmd_predict}
 # ``breastcad --help`` stays fast.
 COMMAND_MODULES: tuple[str, ...] = (
     "export", "serve", "explain", "import_data", "compare", "models", "tune",
-    "evaluate", "collect", "robustness", "segment",
+    "evaluate", "collect", "robustness", "segment", "patches",
 )  # fmt: skip
 
 
