@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: setup browser postgres demo test lint clean
+.PHONY: setup browser postgres demo test lint clean bench-frameworks
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,3 +37,11 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The framework comparison (docs/frameworks.md): one virtual environment per Keras backend
+# under benchmarks/frameworks/envs/, then 2 grouped folds x 10 epochs per contender on
+# ../shared/data/busi when it exists, else on the bundled copy.
+FW_DATA := $(if $(wildcard ../shared/data/busi),--data ../shared/data/busi,)
+bench-frameworks: setup
+	PYTHON=$(PYTHON) benchmarks/frameworks/setup_envs.sh
+	$(BIN)/python benchmarks/frameworks/bench_frameworks.py $(FW_DATA) --folds 2 --epochs 10
