@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,15 +99,6 @@ def decode_naive(paths: list[str], size: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def best_seconds(fn: Callable[[], Any], reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = common.machine_info()
@@ -154,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
             from_files(limit=args.batch)  # untimed: first-call kernel selection
             predict_logits(model, images, indices[: args.batch], rt, args.batch, tta=args.tta)
-            t_files = best_seconds(from_files, args.reps)
-            t_cache = best_seconds(from_cache, args.reps)
+            t_files = common.best_seconds(from_files, args.reps)
+            t_cache = common.best_seconds(from_cache, args.reps)
             logits = torch.from_numpy(from_cache())
             probs[(channels_last, bf16)] = torch.softmax(logits, dim=1).numpy()
             for source, secs in (("files", t_files), ("cache", t_cache)):

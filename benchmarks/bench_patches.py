@@ -79,15 +79,6 @@ def ensemble(k: int, size: int, side: int) -> Any:
     return Ensemble(models=models, cards=[card] * k, threshold=0.5, source=f"bench x{k}")
 
 
-def best_time(fn: Any, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -114,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                 res = extract_patches(manifest, tmp / f"out-{workers}-{k}", settings, workers)
                 n_patches = len(res.rows)
 
-            rates[f"extract_file_to_patches_workers{workers}"] = args.n / best_time(run, args.reps)
+            rates[f"extract_file_to_patches_workers{workers}"] = args.n / common.best_seconds(
+                run, args.reps
+            )
 
         paths = sorted(
             str(p) for p in (tmp / "data" / "images").glob("*.png") if "_roi" not in p.name
@@ -129,12 +122,12 @@ def main(argv: list[str] | None = None) -> int:
             def run_slide(ens: Any = ens, counts: list[int] = counts) -> None:
                 counts[:] = [len(slide(ens, a, args.size, args.stride, rt).boxes) for a in decoded]
 
-            secs = best_time(run_slide, args.reps)
+            secs = common.best_seconds(run_slide, args.reps)
             rates[f"slide_decoded_to_probability_{k}fold"] = len(decoded) / secs
             windows[k] = sum(counts) / len(counts)
             rates[f"windows_per_second_{k}fold"] = sum(counts) / secs
         ens5 = ensemble(5, args.input, args.size)
-        secs = best_time(lambda: predict_sliding(ens5, paths, args.stride, rt), args.reps)
+        secs = common.best_seconds(lambda: predict_sliding(ens5, paths, args.stride, rt), args.reps)
         rates["predict_sliding_file_to_probability_5fold"] = len(paths) / secs
 
         doc = {

@@ -26,7 +26,7 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -195,6 +195,16 @@ def train_step_flops_counted(model: Any, size: int, in_chans: int = 1) -> int:
     with counter:
         m(x).float().sum().backward()
     return int(counter.get_total_flops()) // 2
+
+
+def best_seconds(fn: Callable[[], Any], reps: int) -> float:
+    """Shortest wall time of ``reps`` calls: the run least disturbed by other processes."""
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def write_json(path: str | os.PathLike[str], doc: dict[str, Any]) -> Path:
