@@ -1,14 +1,20 @@
 """The study's five models compared on the same grouped folds of BUSI, recorded in results/.
 
-    python benchmarks/bench_compare.py --data ../shared/data/busi            # CPU protocol below
-    python benchmarks/bench_compare.py --data ../shared/data/busi --full   # full protocol (GPU)
+    python benchmarks/bench_compare.py --data ../shared/data/busi           # CPU protocol below
+    python benchmarks/bench_compare.py --data ../shared/data/busi --name busi-quick \
+        --protocol cpu-quick                                                # CPU without bf16
+    python benchmarks/bench_compare.py --data ../shared/data/busi --protocol full   # a GPU
 
 Runs ``breastcad compare`` as a user would (continuing the comparison folder if
 it exists) and writes ``benchmarks/results/compare-<name>.json`` with the
 table rows and the command. On a 2-core CPU a full schedule of vgg16, resnet50
 and densenet201 at 224 px takes hours, so the CPU protocol trains basic_cnn
 and alexnet at the full protocol and the three heavy models at 112 px with a
-shortened schedule; every row states its input size and epochs.
+shortened schedule; every row states its input size and epochs. On a 2-core CPU
+without bf16 (3-4x slower still) the ``cpu-quick`` protocol keeps basic_cnn at the
+full protocol and trains the four torchvision models at 112 px (alexnet) or 64 px
+for 5-10 epochs: a table of what such a machine affords in about an hour, not an
+estimate of what those architectures can do.
 """
 
 from __future__ import annotations
@@ -30,13 +36,27 @@ CPU_PROTOCOL = (
     "densenet201-112px-8ep=densenet201,data.image_size=112,train.epochs=8",
     "vgg16-112px-6ep=vgg16,data.image_size=112,train.epochs=6",
 )
+CPU_QUICK_PROTOCOL = (
+    "basic_cnn",
+    "alexnet-112px-10ep=alexnet,data.image_size=112,train.epochs=10",
+    "resnet50-64px-6ep=resnet50,data.image_size=64,train.epochs=6",
+    "densenet201-64px-5ep=densenet201,data.image_size=64,train.epochs=5",
+    "vgg16-64px-5ep=vgg16,data.image_size=64,train.epochs=5",
+)
+PROTOCOLS = {"cpu": CPU_PROTOCOL, "cpu-quick": CPU_QUICK_PROTOCOL}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--name", default="busi")
-    ap.add_argument("--full", action="store_true", help="every model at its full protocol")
+    ap.add_argument(
+        "--protocol",
+        choices=("cpu", "cpu-quick", "full"),
+        default="cpu",
+        help="cpu (default), cpu-quick (CPUs without bf16) or full (every model at its full "
+        "protocol, for a GPU)",
+    )
     ap.add_argument("extra", nargs="*", help="more arguments for breastcad compare (after --)")
     args = ap.parse_args()
     out = Path("runs") / f"bench-compare-{args.name}"
@@ -44,10 +64,10 @@ def main() -> int:
         cmd = ["compare", "--resume", str(out), "--quiet"]
     else:
         cmd = ["compare", "--data", args.data, "--out", str(out), "--quiet", *args.extra]
-        if args.full:
+        if args.protocol == "full":
             cmd += ["--models", ",".join(STUDY)]
         else:
-            cmd += [a for v in CPU_PROTOCOL for a in ("--variant", v)]
+            cmd += [a for v in PROTOCOLS[args.protocol] for a in ("--variant", v)]
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "breastcad", *cmd], text=True)
     if proc.returncode != 0:
@@ -64,6 +84,7 @@ def main() -> int:
             + "".join(f",{k}={val}" for k, val in v["overrides"][1:])
             for v in plan["variants"]
         ),  # fmt: skip
+        "protocol": args.protocol,
         "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
         "environment": env,
         "comparison": doc,
