@@ -594,10 +594,10 @@ def bar_chart(rows: dict[str, dict[str, Any]], meta: dict[str, Any], path: Path)
         ax.invert_yaxis() if ax is axes[0] else None
         if key == "auc":
             ax.set_xlim(0.5, 1.0)
-        for i, v in enumerate(vals):
+        for i, (n, v) in enumerate(zip(names, vals, strict=True)):
             if v:
                 ax.text(
-                    v,
+                    rows[n]["auc_high"] if key == "auc" else v,  # beyond the error bar
                     i,
                     f" {v:.3f}" if key == "auc" else f" {v:,.0f}" if v >= 10 else f" {v:.1f}",
                     va="center",
