@@ -149,11 +149,29 @@ def test_export_of_a_lesion_crop_run_is_refused_clearly(crop_run, tmp_path) -> N
     assert_clean_error(proc, "lesion-crop", "cannot be exported")
 
 
+def test_onnx_backend_of_a_lesion_crop_run_is_refused_clearly(crop_run, tmp_path) -> None:
+    data, run = crop_run
+    image = data / "benign" / "benign (1).png"
+    proc = run_cli("predict", str(run), str(image), "--backend", "onnx")
+    assert_clean_error(proc, "lesion-crop", "ONNX")
+
+
+def test_explain_crops_like_predict(crop_run, tmp_path) -> None:
+    data, run = crop_run
+    image = data / "malignant" / "malignant (1).png"
+    proc = run_cli("explain", str(run), str(image), "--out", str(tmp_path / "ex"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((tmp_path / "ex").glob("*.png"))) == 1
+
+
 def test_lesion_crop_needs_masks_and_one_job(tmp_path: Path) -> None:
     from breastcad.config import load_config
 
     with pytest.raises(ConfigError, match="repeats 1"):
         load_config(None, [("data.preprocess", "lesion-crop"), ("cv.repeats", 2)])
+    for task in ("three-class", "malignant-vs-rest"):  # normal images have no lesion to crop
+        with pytest.raises(ConfigError, match="benign-vs-malignant"):
+            load_config(None, [("data.preprocess", "lesion-crop"), ("data.task", task)])
 
 
 def test_robustness_crops_each_test_image_with_its_folds_segmentation(crop_run, tmp_path) -> None:

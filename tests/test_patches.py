@@ -228,6 +228,33 @@ def test_groups_are_the_patient_ids(extracted: dict, tmp_path: Path) -> None:
         assert read_image(manifest.parent / r["path"]).shape == (int(r["side"]),) * 2
 
 
+def test_copies_of_an_image_share_a_group_even_without_patient_ids(tmp_path: Path) -> None:
+    """A re-exported copy (here a 1-count brightness change) under another name, no patient
+    ids: its normal patches are cut elsewhere, so only the audit of the sources can keep
+    the two on one side of a split."""
+    m = synthetic_mammogram(H, W, seed=11)
+    a, am = _write(tmp_path, "a", m)
+    save_16bit_png(tmp_path / "a-copy.png", np.clip(m.image + 1 / 4095, 0, 1))
+    other, om = _write(tmp_path, "other", synthetic_mammogram(H, W, seed=12, malignant=True))
+    manifest = _manifest(
+        tmp_path, [f"{a},benign,,{am}", f"a-copy.png,benign,,{am}", f"{other},malignant,,{om}"]
+    )
+    extract_patches(manifest, tmp_path / "out", PatchSettings(size=SIZE))
+    groups: dict[str, set[str]] = {}
+    for r in _rows(tmp_path / "out" / "patches.csv"):
+        groups.setdefault(Path(r["source"]).name, set()).add(r["patient_id"])
+    assert groups["a.png"] == groups["a-copy.png"] and len(groups["a.png"]) == 1
+    assert groups["other.png"] != groups["a.png"]
+
+
+def test_an_image_listed_twice_is_refused(tmp_path: Path) -> None:
+    a, am = _write(tmp_path, "a", synthetic_mammogram(H, W, seed=11))
+    manifest = _manifest(tmp_path, [f"{a},benign,P1,{am}", f"{a},malignant,P1,{am}"])
+    with pytest.raises(BreastcadError, match="listed on 2 rows"):
+        extract_patches(manifest, tmp_path / "out", PatchSettings(size=SIZE))
+    assert not (tmp_path / "out" / "patches.csv").exists()
+
+
 def test_bad_files_and_images_without_coordinates_are_counted(extracted: dict) -> None:
     res = extracted["res"]
     bad = sorted(Path(b.path).name for b in res.bad)

@@ -263,6 +263,12 @@ def validate(cfg: Config) -> None:
             "data.preprocess lesion-crop needs cv.repeats 1 (its segmentation models are "
             "trained on one set of folds)",
         ),
+        (
+            cfg.data.preprocess != "lesion-crop" or cfg.data.task == "benign-vs-malignant",
+            "data.preprocess lesion-crop needs data.task benign-vs-malignant (normal images have "
+            "no lesion: they would be whole images among crops, and the framing would give "
+            "their label away)",
+        ),
         (0.0 <= cfg.augment.blur <= 10.0, "augment.blur must be between 0 and 10 pixels"),
         (1.0 <= cfg.augment.resolution <= 16.0, "augment.resolution must be between 1 and 16"),
         (cfg.segment.epochs >= 1, "segment.epochs must be at least 1"),

@@ -136,8 +136,18 @@ def _onnx_program(ens: Ensemble) -> Any:
     return program
 
 
+def refuse_lesion_crop(ens: Ensemble) -> None:
+    """A lesion-crop run's segmentation step is not part of any graph: refuse it in one line."""
+    if getattr(ens, "cropper", None) is not None:
+        raise BreastcadError(
+            f"{ens.source}: a lesion-crop run cannot be exported or run with ONNX yet (its "
+            "segmentation step is not part of the graph); use the PyTorch backend on the run folder"
+        )
+
+
 def onnx_bytes(ens: Ensemble, metadata: dict[str, str] | None = None) -> bytes:
     """The ensemble as a serialized ONNX model (dynamic batch, everything inline)."""
+    refuse_lesion_crop(ens)
     proto = _onnx_program(ens).model_proto
     proto.doc_string = f"breastcad {ens.name}: uint8 image (N,S,S) -> probabilities (N,C)"
     for key, value in (metadata or {}).items():
@@ -147,6 +157,7 @@ def onnx_bytes(ens: Ensemble, metadata: dict[str, str] | None = None) -> bytes:
 
 
 def torchscript_bytes(ens: Ensemble) -> bytes:
+    refuse_lesion_crop(ens)
     graph = EnsembleGraph(ens).eval()
     example = torch.from_numpy(sample_inputs(int(ens.card["input_size"]), 2))
     try:
@@ -207,11 +218,7 @@ def export_model(
     """Write the exported model and its sidecar; returns (model path, sidecar path, sidecar)."""
     if fmt not in FORMATS:
         raise BreastcadError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if getattr(ens, "cropper", None) is not None:
-        raise BreastcadError(
-            f"{ens.source}: a lesion-crop run cannot be exported yet (its segmentation step is "
-            "not part of the graph); use predict or serve on the run folder"
-        )
+    refuse_lesion_crop(ens)
     out = Path(out)
     side = sidecar_path(out)
     for p in (out, side):

@@ -212,6 +212,7 @@ def build_crop_inputs(
     images that need predicted crops and cuts them.
     """
     from breastcad.data.imageio import read_image, read_mask
+    from breastcad.errors import ImageReadError
     from breastcad.segmentation import MASK_THRESHOLD, load_model, predict_probs, upsample
 
     n = len(paths)
@@ -220,7 +221,10 @@ def build_crop_inputs(
 
     def pass1(i: int) -> tuple[np.ndarray, bool, tuple[int, int], np.ndarray]:
         img = read_image(paths[i], max_pixels=max_pixels)
-        mask = read_mask(tuple(mask_paths[i]), img.shape) if mask_paths[i] else None
+        try:
+            mask = read_mask(tuple(mask_paths[i]), img.shape) if mask_paths[i] else None
+        except ImageReadError:  # as segmentation training skips it: no box, the whole image
+            mask = None
         arr, found = crop_input(img, mask, rule, size)
         return arr, found, img.shape, resize_to_uint8(img, seg_size)  # as segmentation saw it
 

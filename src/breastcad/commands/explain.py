@@ -189,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
                 n_bad += 1
         if not kept:
             continue
-        x = torch.from_numpy(np.stack([prepare_for_model(im, card) for im in images]))
+        cropper = getattr(ens, "cropper", None)  # lesion-crop runs crop as predict does
+        x = torch.from_numpy(np.stack([prepare_for_model(im, card, cropper) for im in images]))
         heats = ensemble_gradcam(ens, x)
         for r, img, heat, model_in in zip(kept, images, heats, x.numpy(), strict=True):
             # The heatmap covers the model input; it maps back onto the whole image only

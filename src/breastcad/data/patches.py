@@ -42,9 +42,11 @@ Rules (``PATCHES_VERSION``):
   contrast of a lesion). Sliding-window prediction applies the same steps, so a
   window and a patch at the same place are the same model input.
 
-The patch manifest has ``path, label, patient_id`` (the source row's group or
-patient id, else the source image itself, so all patches of a woman stay on
-one side of every split), ``kind`` (lesion/normal), ``source`` (the original
+The patch manifest has ``path, label, patient_id`` (the split group of the
+source image in an audit of the sources: its patient id, joined with those of
+any exact or near-duplicate of it, else the source image itself; so all
+patches of a woman, and of copies of her images, stay on one side of every
+split), ``kind`` (lesion/normal), ``source`` (the original
 image), ``box`` (``x0 y0 x1 y1`` in source pixels, end exclusive) and
 ``side``. A sidecar ``DIR/patches.json`` records the settings; ``train``
 copies the patch side into every fold's card (``card_entry``), which is how
@@ -58,6 +60,7 @@ import io
 import math
 import os
 import re
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -70,9 +73,10 @@ from scipy import ndimage
 
 from breastcad import __version__
 from breastcad.data import mammo
+from breastcad.data.audit import AuditReport, run_audit
 from breastcad.data.imageio import DEFAULT_MAX_PIXELS, read_image, read_mask
 from breastcad.data.records import BadFile, Sample
-from breastcad.data.sources import load_source
+from breastcad.data.sources import SourceResult, load_source
 from breastcad.errors import BreastcadError, DataError, ImageReadError, printable
 from breastcad.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, read_json_if_valid
 
@@ -446,6 +450,7 @@ def _one_image(
     index: int,
     sample: Sample,
     roi: str,
+    group: str,
     out_dir: Path,
     s: PatchSettings,
     max_pixels: int,
@@ -480,7 +485,6 @@ def _one_image(
     if label == "normal" or lesions:
         done.normal_short = s.normal_per_image - sum(p.kind == "normal" for p in patches)
     stem = _safe_stem(sample.path)
-    group = sample.group or _where(sample.path, out_dir)  # no patient id: the image is the group
     counters: dict[str, int] = {}
     for p in patches:
         k = counters[p.kind] = counters.get(p.kind, 0) + 1
@@ -498,6 +502,39 @@ def _one_image(
             ]
         )
     return done
+
+
+def _refuse_repeated_paths(source: SourceResult, manifest: str | os.PathLike[str]) -> None:
+    """One row per image: the normal patches of a row avoid only that row's lesions, so an
+    image listed twice could get a "normal" patch over the other row's lesion."""
+    seen: Counter[str] = Counter(s.path for s in source.samples)
+    repeated = [p for p, n in seen.items() if n > 1]
+    if repeated:
+        first = repeated[0]
+        raise DataError(
+            f"{printable(str(manifest))}: {printable(first)} is listed on {seen[first]} "
+            f"rows ({len(repeated)} image(s) repeated); give each image one row with all its "
+            "lesions (roi circles separated by ';', or several masks separated by ';')"
+        )
+
+
+def patch_groups(source: SourceResult, audit: AuditReport, out_dir: Path) -> dict[str, str]:
+    """Readable source image -> the group its patches carry.
+
+    The audit's split group (patient ids joined by exact and near-duplicate links),
+    named by its patient ids joined with ``+``, or, when none of its images has one,
+    by its first image's path.
+    """
+    given = {s.path: str(s.group).strip() for s in source.samples if str(s.group or "").strip()}
+    members: dict[str, list[str]] = defaultdict(list)
+    for s in audit.samples:
+        members[str(s.group)].append(s.path)
+    names: dict[str, str] = {}
+    for paths in members.values():
+        ids = sorted({given[p] for p in paths if p in given})
+        name = "+".join(ids) if ids else _where(min(paths), out_dir)
+        names.update(dict.fromkeys(paths, name))
+    return names
 
 
 def sidecar_path(manifest: str | os.PathLike[str]) -> Path:
@@ -522,15 +559,24 @@ def extract_patches(
     """
     settings.check()
     source = load_source(manifest)
+    _refuse_repeated_paths(source, manifest)
     out = Path(out_dir)
     rois = _roi_column(Path(manifest))
-    result = PatchResult(bad=list(source.bad))
-    for b in source.bad if report else ():
+    # The sources' own audit (as `breastcad audit --preprocess breast-crop`): a copy or
+    # near-copy of an image must share its group, or its normal patches, cut elsewhere,
+    # would not be recognised as the same tissue by the audit of the patches.
+    audit = run_audit(source, max_pixels=max_pixels, preprocess="breast-crop")
+    groups = patch_groups(source, audit, out)
+    result = PatchResult(bad=list(audit.bad_files))
+    for b in result.bad if report else ():
         report(b)
 
     def work(i: int) -> _Done:
         sample = source.samples[i]
-        return _one_image(i, sample, rois.get(sample.path, ""), out, settings, max_pixels)
+        if sample.path not in groups:  # unreadable: already in result.bad
+            return _Done()
+        roi = rois.get(sample.path, "")
+        return _one_image(i, sample, roi, groups[sample.path], out, settings, max_pixels)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for n, done in enumerate(pool.map(work, range(len(source.samples))), 1):
