@@ -13,7 +13,7 @@ and alexnet at the full protocol and the three heavy models at 112 px with a
 shortened schedule; every row states its input size and epochs. On a 2-core CPU
 without bf16 (3-4x slower still) the ``cpu-quick`` protocol keeps basic_cnn at the
 full protocol and trains the four torchvision models at 112 px (alexnet) or 64 px
-for 5-10 epochs: a table of what such a machine affords in about an hour, not an
+for 3-6 epochs: a table of what such a machine affords in about an hour, not an
 estimate of what those architectures can do.
 """
 
@@ -38,10 +38,10 @@ CPU_PROTOCOL = (
 )
 CPU_QUICK_PROTOCOL = (
     "basic_cnn",
-    "alexnet-112px-10ep=alexnet,data.image_size=112,train.epochs=10",
-    "resnet50-64px-6ep=resnet50,data.image_size=64,train.epochs=6",
-    "densenet201-64px-5ep=densenet201,data.image_size=64,train.epochs=5",
-    "vgg16-64px-5ep=vgg16,data.image_size=64,train.epochs=5",
+    "alexnet-112px-6ep=alexnet,data.image_size=112,train.epochs=6",
+    "resnet50-64px-4ep=resnet50,data.image_size=64,train.epochs=4",
+    "densenet201-64px-3ep=densenet201,data.image_size=64,train.epochs=3",
+    "vgg16-64px-4ep=vgg16,data.image_size=64,train.epochs=4",
 )
 PROTOCOLS = {"cpu": CPU_PROTOCOL, "cpu-quick": CPU_QUICK_PROTOCOL}
 
