@@ -156,6 +156,23 @@ def test_onnx_backend_of_a_lesion_crop_run_is_refused_clearly(crop_run, tmp_path
     assert_clean_error(proc, "lesion-crop", "ONNX")
 
 
+def test_model_version_covers_the_segmentation_weights(crop_run, tmp_path) -> None:
+    import shutil
+
+    from breastcad.predict import load_ensemble
+
+    _, run = crop_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert load_ensemble(copy).version == load_ensemble(run).version
+    seg = copy / "segmentation"
+    w0, w1 = seg / "fold-0" / "model.safetensors", seg / "fold-1" / "model.safetensors"
+    b0, b1 = w0.read_bytes(), w1.read_bytes()
+    w0.write_bytes(b1)
+    w1.write_bytes(b0)  # other segmentation weights, same classifier: another model
+    assert load_ensemble(copy).version != load_ensemble(run).version
+
+
 def test_explain_crops_like_predict(crop_run, tmp_path) -> None:
     data, run = crop_run
     image = data / "malignant" / "malignant (1).png"

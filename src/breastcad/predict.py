@@ -241,16 +241,21 @@ def load_ensemble(path: str | Path, fold: int | None = None) -> Ensemble:
     threshold = float(read_json(metrics_path)["operating_point"]["threshold"])
     loaded = [load_fold_model(d) for d in dirs]
     cropper = None
+    versioned = list(dirs)
     if loaded[0][1].get("preprocessing", {}).get("mode") == "lesion-crop":
         from breastcad.lesion_crop import LesionCropper
+        from breastcad.segmentation import SEG_DIR
 
         cropper = LesionCropper.for_run(run_dir, loaded[0][1])
+        # the segmentation decides what the classifier sees: part of the model's version
+        seg_folds = (run_dir / SEG_DIR).glob("fold-*")
+        versioned += sorted(d for d in seg_folds if (d / WEIGHTS).is_file())
     return Ensemble(
         models=[m for m, _ in loaded],
         cards=[c for _, c in loaded],
         threshold=threshold,
         source=str(path),
-        version=_digest(dirs, threshold),
+        version=_digest(versioned, threshold),
         members=[str(d.relative_to(run_dir)) if d != run_dir else d.name for d in dirs],
         run=run_summary(run_dir),
         cropper=cropper,
