@@ -71,10 +71,14 @@ def test_validation_and_test_images_get_predicted_not_ground_truth_crops(
     data = write_busi_like(tmp_path / "d", n_per_class=4, size=40)
     paths = sorted(str(p) for p in data.rglob("*).png"))
     masks = [(p.replace(").png", ")_mask.png"),) for p in paths]
-    monkeypatch.setattr(segmentation, "load_model", lambda d: (None, {"input_size": 24}))
-    monkeypatch.setattr(
-        segmentation, "predict_probs", lambda m, x, rt: np.zeros(x.shape, np.float32)
-    )
+    seen: dict[str, list[bytes]] = {}  # segmentation fold -> the images it was shown
+
+    def predict_nothing(model: str, x: np.ndarray, rt: object) -> np.ndarray:
+        seen.setdefault(model, []).extend(a.tobytes() for a in x)
+        return np.zeros(x.shape, np.float32)
+
+    monkeypatch.setattr(segmentation, "load_model", lambda d: (d.name, {"input_size": 24}))
+    monkeypatch.setattr(segmentation, "predict_probs", predict_nothing)
     plans = [
         SimpleNamespace(fold=0, train=np.arange(0, 4), val=np.array([4, 5]), test=np.array([6, 7])),
         SimpleNamespace(fold=1, train=np.arange(4, 8), val=np.array([0, 1]), test=np.array([2, 3])),
@@ -89,6 +93,13 @@ def test_validation_and_test_images_get_predicted_not_ground_truth_crops(
         assert np.array_equal(fold0[i], whole) and not np.array_equal(fold0[i], crops.gt[i])
     assert crops.fallbacks["test_fallbacks"] == 4
     assert crops.fallbacks["per_fold"]["fold-1"]["val_fallbacks"] == 2
+    # fold K's segmentation model, which never trained on them, saw exactly fold K's
+    # validation and test images (never another fold's, never a training image)
+    from breastcad.data.cache import resize_to_uint8
+
+    for plan in plans:
+        shown = [resize_to_uint8(_read(paths[i]), 24).tobytes() for i in (*plan.val, *plan.test)]
+        assert sorted(seen[f"fold-{plan.fold}"]) == sorted(shown)
 
 
 def _read(path: str) -> np.ndarray:
