@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from synthetic_mammo import save_16bit_png, synthetic_mammogram
 
@@ -40,18 +41,27 @@ def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
     )
 
 
-def write_mias_like(root: Path, n_pairs: int = 13) -> Path:
-    """A mini-MIAS-shaped dataset: 16-bit PNGs, Info.txt with bottom-left coordinates."""
+def write_mias_like(root: Path, n_pairs: int = 13, seed: int = 0, texture: float = 0.0) -> Path:
+    """A mini-MIAS-shaped dataset: 16-bit PNGs, Info.txt with bottom-left coordinates.
+
+    ``texture`` adds fine noise of that amplitude inside the breast: on the generator's
+    smooth tissue alone, lesion patches of different women (a bright disc in the middle)
+    look so alike that the audit links them as near-duplicates.
+    """
     root.mkdir(parents=True)
     lines = ["synthetic mini-MIAS (free text header)", ""]
     for n in range(1, 2 * n_pairs + 1):
         pair = (n - 1) // 2  # both breasts of a woman share a class here; the last are normal
         kind = "normal" if pair == n_pairs - 1 else ("benign", "malignant")[pair % 2]
         m = synthetic_mammogram(
-            H, W, seed=n, chest_right=n % 2 == 0, malignant=kind == "malignant",
+            H, W, seed=seed + n, chest_right=n % 2 == 0, malignant=kind == "malignant",
             lesion=kind != "normal",
         )  # fmt: skip
-        save_16bit_png(root / f"mdb{n:03d}.png", m.image)
+        img = m.image
+        if texture:
+            fine = ndimage.gaussian_filter(np.random.default_rng(n).standard_normal((H, W)), 1.0)
+            img = np.clip(np.where(m.breast, img + texture * fine / np.abs(fine).max(), img), 0, 1)
+        save_16bit_png(root / f"mdb{n:03d}.png", img)
         x, y = m.lesion_xy
         if kind == "normal":
             lines.append(f"mdb{n:03d} F NORM")

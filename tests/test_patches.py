@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from scipy import ndimage
 
 from breastcad.cli import main
 from breastcad.data.cache import prepare_for_model
@@ -35,6 +31,7 @@ from breastcad.data.sources import load_manifest
 from breastcad.errors import BreastcadError
 from breastcad.sliding_window import patch_input, patch_side, positions, predict_sliding, slide
 from synthetic_mammo import Mammo, save_16bit_png, synthetic_mammogram
+from test_mammo_cli import run_cli, write_mias_like
 
 H, W = 300, 200
 SIZE = 48
@@ -392,48 +389,11 @@ def test_predict_sliding_rows_and_refusals(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------- end to end
 
 
-def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XDG_CACHE_HOME=str(cache))
-    return subprocess.run(
-        [sys.executable, "-m", "breastcad", *args],
-        capture_output=True, text=True, env=env, timeout=300, errors="backslashreplace",
-    )  # fmt: skip
-
-
-def write_mias(root: Path, n_pairs: int) -> Path:
-    """mini-MIAS-shaped: Info.txt with bottom-left coordinates; pairs are one woman.
-
-    Fine texture is added to every breast: on the generator's smooth tissue, the lesion
-    patches of different women (each a bright disc in the middle) look so alike that the
-    audit links them as near-duplicates, leaving too few independent groups for 2 folds.
-    """
-    root.mkdir(parents=True)
-    lines = []
-    for n in range(1, 2 * n_pairs + 1):
-        pair = (n - 1) // 2
-        kind = "normal" if pair == n_pairs - 1 else ("benign", "malignant")[pair % 2]
-        m = synthetic_mammogram(
-            H, W, seed=100 + n, chest_right=n % 2 == 0, malignant=kind == "malignant",
-            lesion=kind != "normal",
-        )  # fmt: skip
-        fine = ndimage.gaussian_filter(np.random.default_rng(n).standard_normal((H, W)), 1.0)
-        img = np.where(m.breast, m.image + 0.3 * fine / np.abs(fine).max(), m.image)
-        save_16bit_png(root / f"mdb{n:03d}.png", np.clip(img, 0, 1))
-        x, y = m.lesion_xy
-        if kind == "normal":
-            lines.append(f"mdb{n:03d} F NORM")
-        else:
-            cls, sev = ("SPIC", "M") if kind == "malignant" else ("CIRC", "B")
-            lines.append(f"mdb{n:03d} F {cls} {sev} {x:.0f} {H - 1 - y:.0f} {m.lesion_r:.0f}")
-    (root / "Info.txt").write_text("\n".join(lines) + "\n")
-    return root / "Info.txt"
-
-
 def test_end_to_end_import_patches_train_predict_sliding_window(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cache = tmp_path / "cache"
-    info = write_mias(tmp_path / "mias", n_pairs=15)
+    info = write_mias_like(tmp_path / "mias", n_pairs=15, seed=100, texture=0.3)
     res = import_mias(info)  # the roi column alone (no masks): patches use the circles
     write_manifest(res, tmp_path / "mias.csv")
     code = main(
