@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -43,7 +44,37 @@ CPU_QUICK_PROTOCOL = (
     "densenet201-64px-3ep=densenet201,data.image_size=64,train.epochs=3",
     "vgg16-64px-4ep=vgg16,data.image_size=64,train.epochs=4",
 )
-PROTOCOLS = {"cpu": CPU_PROTOCOL, "cpu-quick": CPU_QUICK_PROTOCOL}
+# cpu-quick with alexnet at its full protocol (224 px, up to 30 epochs): about an hour
+# more on a 2-core CPU without bf16, usually run with --reuse busi-quick
+CPU_NOBF16_PROTOCOL = ("basic_cnn", "alexnet", *CPU_QUICK_PROTOCOL[2:])
+PROTOCOLS = {
+    "cpu": CPU_PROTOCOL,
+    "cpu-quick": CPU_QUICK_PROTOCOL,
+    "cpu-nobf16": CPU_NOBF16_PROTOCOL,
+}
+
+
+def reuse_finished(src: Path, out: Path, protocol: str) -> list[str]:
+    """Start ``out`` as a copy of comparison ``src``'s plan (same base settings, so the same
+    folds) with ``protocol``'s variants; finished models whose variant is unchanged are
+    copied, the rest train on ``compare --resume``."""
+    from breastcad.compare import parse_variant
+
+    plan = json.loads((src / "compare.json").read_text())
+    out.mkdir(parents=True)
+    old = {v["label"]: v["overrides"] for v in plan["variants"]}
+    variants = []
+    for text in PROTOCOLS[protocol]:
+        v = parse_variant(text)
+        label, overrides = v.label, json.loads(json.dumps(v.overrides))  # as compare.json has it
+        variants.append({"label": label, "overrides": overrides})
+        done = (src / label / "metrics.json").exists() and (src / label / "report.html").exists()
+        if old.get(label) == overrides and done:
+            shutil.copytree(src / label, out / label)
+            print(f"reused {src / label}")
+    plan["variants"] = variants
+    (out / "compare.json").write_text(json.dumps(plan, indent=2) + "\n")
+    return ["compare", "--resume", str(out), "--quiet"]
 
 
 def main() -> int:
@@ -52,10 +83,16 @@ def main() -> int:
     ap.add_argument("--name", default="busi")
     ap.add_argument(
         "--protocol",
-        choices=("cpu", "cpu-quick", "full"),
+        choices=(*PROTOCOLS, "full"),
         default="cpu",
-        help="cpu (default), cpu-quick (CPUs without bf16) or full (every model at its full "
-        "protocol, for a GPU)",
+        help="cpu (default), cpu-quick or cpu-nobf16 (CPUs without bf16) or full (every "
+        "model at its full protocol, for a GPU)",
+    )
+    ap.add_argument(
+        "--reuse",
+        metavar="NAME",
+        help="copy the finished models of runs/bench-compare-NAME whose settings are identical "
+        "(same base, same variant) instead of training them again",
     )
     ap.add_argument("extra", nargs="*", help="more arguments for breastcad compare (after --)")
     args = ap.parse_args()
@@ -68,6 +105,8 @@ def main() -> int:
             cmd += ["--models", ",".join(STUDY)]
         else:
             cmd += [a for v in PROTOCOLS[args.protocol] for a in ("--variant", v)]
+        if args.reuse:
+            cmd = reuse_finished(Path("runs") / f"bench-compare-{args.reuse}", out, args.protocol)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "breastcad", *cmd], text=True)
     if proc.returncode != 0:
@@ -85,6 +124,8 @@ def main() -> int:
             for v in plan["variants"]
         ),  # fmt: skip
         "protocol": args.protocol,
+        # finished models copied from that comparison (same base settings and variant)
+        "reused_from": f"compare-{args.reuse}" if args.reuse else None,
         "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
         "environment": env,
         "comparison": doc,

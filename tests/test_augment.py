@@ -119,3 +119,25 @@ def test_site_style_changes_are_off_by_default_and_drawn_only_when_on() -> None:
     site = augment_batch(x, on, torch.Generator().manual_seed(3))
     assert site.shape == x.shape and 0 <= site.min() and site.max() <= 1
     assert _high_frequency(site).mean() < _high_frequency(base).mean()
+
+
+def test_masks_follow_the_images_geometry_and_only_images_get_intensity_changes() -> None:
+    from breastcad.data.augment import augment_with_masks
+
+    x = torch.rand(6, 1, 32, 32)
+    masks = torch.zeros(6, 1, 32, 32)
+    masks[:, :, 8:20, 4:14] = 1  # a lesion on the left
+    geometry = dataclasses.replace(NO_CHANGE, hflip=1.0, rotate_deg=15, scale_min=0.8,
+                                   translate=0.1)  # fmt: skip
+    # the images' own warp, seen through an image that equals its mask, is the mask's warp
+    warped_mask_as_image = augment_batch(masks.clone(), geometry, torch.Generator().manual_seed(4))
+    _, warped = augment_with_masks(x, masks, geometry, torch.Generator().manual_seed(4))
+    assert torch.equal(warped, (warped_mask_as_image > 0.5).float())
+    assert warped[:, :, :, 16:].sum() > warped[:, :, :, :16].sum()  # flipped to the right
+    # intensity and site-style changes (blur, lower resolution) touch the images only
+    site = dataclasses.replace(NO_CHANGE, gamma=0.3, contrast=0.3, speckle=0.2, blur=2.0,
+                               resolution=4.0)  # fmt: skip
+    out, same = augment_with_masks(x, masks, site, torch.Generator().manual_seed(5))
+    assert torch.equal(same, masks)
+    assert _high_frequency(out).mean() < 0.5 * _high_frequency(x).mean()
+    assert torch.equal(out, augment_batch(x, site, torch.Generator().manual_seed(5)))

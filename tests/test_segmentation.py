@@ -72,6 +72,22 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return data, run
 
 
+def test_epoch_choice_split_holds_out_whole_groups_of_the_training_images() -> None:
+    from breastcad.segmentation import epoch_choice_split
+
+    samples = [{"group": f"g{i // 3}"} for i in range(90)]  # 30 groups of 3
+    train = list(range(0, 80))
+    fit_on, choose_on = epoch_choice_split(train, samples, seed=1)
+    assert sorted(fit_on + choose_on) == train
+    assert not {samples[i]["group"] for i in fit_on} & {samples[i]["group"] for i in choose_on}
+    assert 0.1 * len(train) <= len(choose_on) <= 0.2 * len(train)
+    assert epoch_choice_split(train, samples, seed=1) == (fit_on, choose_on)
+    assert epoch_choice_split(train, samples, seed=2) != (fit_on, choose_on)
+    # a single group is never held out whole: training keeps images
+    fit_one, choose_one = epoch_choice_split([0, 1, 2], samples, seed=0)
+    assert fit_one == [0, 1, 2] and choose_one == []
+
+
 def test_segment_trains_on_the_runs_folds_and_writes_masks(run_dir, tmp_path) -> None:
     data, run = run_dir
     proc = run_cli(
@@ -97,6 +113,14 @@ def test_segment_trains_on_the_runs_folds_and_writes_masks(run_dir, tmp_path) ->
     for k in (0, 1):
         card = json.loads((run / "segmentation" / f"fold-{k}" / "card.json").read_text())
         assert card["kind"] == "segmentation" and card["input_size"] == 48
+        # trained and epoch-chosen on fold k's training images only: never on the images
+        # that choose the classifier's epoch and threshold (inner validation) nor on test
+        rep = folds["repeats"][0]
+        n_fold_train = sum(
+            1 for f, v in zip(rep["test_fold"], rep["inner_validation_in_folds"], strict=True)
+            if f != k and f"val@{k};" not in v
+        )  # fmt: skip
+        assert card["n_train"] + card["n_val"] == n_fold_train and card["n_val"] >= 1
         assert (run / "segmentation" / f"fold-{k}" / "FINISHED").is_file()
 
     # masks and overlays at each image's own size

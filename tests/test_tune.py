@@ -164,3 +164,16 @@ def test_search_only_needs_a_storage_and_a_bad_storage_is_one_line(data: Path) -
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "nosuchdb" in proc.stderr
+
+
+def test_lesion_crop_is_refused_in_one_line_before_any_work(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tune"
+    proc = run_cli("tune", "--data", str(data), "--out", str(out), "--quiet",
+                   "--set", "data.preprocess=lesion-crop")  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "lesion-crop" in proc.stderr and not out.exists()
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    proc = run_cli("tune", "--search-only", "--storage", storage, "--data", str(data), "--quiet",
+                   "--set", "data.preprocess=lesion-crop")  # fmt: skip
+    assert proc.returncode == 2 and "lesion-crop" in proc.stderr, proc.stderr

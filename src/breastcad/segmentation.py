@@ -2,10 +2,13 @@
 
 ``train_segmentation(run_dir)`` trains one segmentation model per outer fold of a
 finished classification run, on exactly that run's folds (``folds.json``, repeat 0):
-fold K's model trains on the images outside test fold K, chooses its epoch by Dice on
-fold K's inner-validation images, and is scored once on test fold K. So every Dice
-is measured on images the model never saw, and a lesion-centred classifier can later
-use, for each test image, a mask from a model that did not train on it.
+fold K's model trains on fold K's training images (neither test fold K nor the
+classifier's inner-validation images of fold K), chooses its epoch by Dice on a grouped
+~15% of those training images held out of its training, and is scored once on test
+fold K. So every Dice is measured on images the model never saw, and a lesion-centred
+classifier gets masks for its validation images (which choose its epoch and operating
+point) and for its test images from a model that neither trained on nor chose anything
+with them: validation crops are as good as test crops, no better.
 
 * Models: torchvision's ``lraspp_mobilenet_v3_large`` (default),
   ``deeplabv3_mobilenet_v3_large`` or ``fcn_resnet50``, built with ``weights=None,
@@ -16,9 +19,9 @@ use, for each test image, a mask from a model that did not train on it.
   ``stretch`` preprocessing), standardised per image. Targets: the union of the image's
   masks (BUSI's ``_mask_1`` etc. merged), resized alike; an image without masks (a
   normal image, when the run's task has them) trains as an empty mask.
-* Training: AdamW, cosine learning rate, BCE + soft Dice loss, joint random affine
-  warp (the classifier's augmentation settings) of image and mask, intensity jitter
-  of the image only.
+* Training: AdamW, cosine learning rate, BCE + soft Dice loss, the classifier's
+  augmentation (``augment_with_masks``): the same random affine warp of image and
+  mask; intensity, speckle, blur and lower resolution on the image only.
 * Scoring: the predicted probability is upsampled bilinearly to the image's own size
   and thresholded at 0.5; Dice and IoU against the mask at that size, per image with
   a non-empty mask; means per fold and pooled, with 95% percentile bootstrap CIs over
@@ -127,30 +130,6 @@ def load_pairs(
     return (np.stack(imgs) if imgs else empty, np.stack(masks) if masks else empty, kept, skipped)
 
 
-def joint_augment(
-    x: torch.Tensor, m: torch.Tensor, cfg: Any, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same random affine warp on images (B,1,S,S) in [0,1] and masks; intensity on images."""
-    from breastcad.data.augment import affine_matrices
-
-    n = x.shape[0]
-    theta = affine_matrices(n, cfg, gen)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    m = F.grid_sample(m, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5
-
-    def per_image(lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(n, 1, 1, 1, generator=gen)
-
-    x = x.clamp(0, 1).pow(torch.exp(per_image(-cfg.gamma, cfg.gamma)))
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * per_image(1 - cfg.contrast, 1 + cfg.contrast) + mean
-    x = x + per_image(-cfg.brightness, cfg.brightness)
-    if cfg.speckle > 0:
-        x = x * (1 + per_image(0, cfg.speckle) * torch.randn(x.shape, generator=gen))
-    return x.clamp_(0, 1), m.float()
-
-
 def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     bce = F.binary_cross_entropy_with_logits(logits, target)
     p = torch.sigmoid(logits)
@@ -220,6 +199,7 @@ def fit(
 ) -> tuple[SegNet, FitResult]:
     """Train a :class:`SegNet` on ``train_idx``; keep the epoch with the best val Dice."""
     from breastcad.config import AugmentConfig
+    from breastcad.data.augment import augment_with_masks
     from breastcad.evaluate import runtime
 
     rt = rt or runtime()
@@ -246,7 +226,7 @@ def fit(
             x = x_all[idx].float().div(255.0).unsqueeze(1)
             m = m_all[idx].float().unsqueeze(1)
             if getattr(aug, "enabled", True):
-                x, m = joint_augment(x, m, aug, gen)
+                x, m = augment_with_masks(x, m, aug, gen)
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             x = (x - mean) / (x.std(dim=(1, 2, 3), keepdim=True) + 1e-3)
             loss = _loss(model(x.to(rt.device)), m.to(rt.device))
@@ -258,7 +238,8 @@ def fit(
             n += len(idx)
         val_dice = _mean_dice(model, images, masks, val_idx, rt)
         history.append({"epoch": epoch, "train_loss": total / max(n, 1), "val_dice": val_dice})
-        if val_dice > best[0]:
+        # no lesion among the epoch-choosing images: keep the last epoch, not the untrained one
+        if val_dice > best[0] or math.isnan(val_dice):
             best = (val_dice, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
         if log:
             log(f"    epoch {epoch}: loss {total / max(n, 1):.3f}, val Dice {val_dice:.3f}")
@@ -398,6 +379,35 @@ def _score(
     return out
 
 
+EPOCH_CHOICE = (
+    "the epoch is chosen on a grouped ~15% of the fold's training images, held out of its training"
+)
+
+
+def epoch_choice_split(
+    train: Sequence[int], samples: Sequence[dict[str, Any]], seed: int, fraction: float = 0.15
+) -> tuple[list[int], list[int]]:
+    """Hold whole duplicate groups of ``train`` out to choose the segmentation epoch.
+
+    Not the classifier's inner-validation images: those choose the classifier's epoch and
+    operating point on *predicted* crops, which must be as unseen by segmentation as the
+    test images' crops are."""
+    size: dict[Any, int] = {}
+    for i in train:
+        size[samples[i]["group"]] = size.get(samples[i]["group"], 0) + 1
+    groups = sorted(size, key=str)
+    held: set[Any] = set()
+    n_held, target = 0, max(1, round(fraction * len(train)))
+    for j in np.random.default_rng(seed).permutation(len(groups)):
+        if n_held >= target or len(held) == len(groups) - 1:
+            break
+        held.add(groups[j])
+        n_held += size[groups[j]]
+    fit_on = [i for i in train if samples[i]["group"] not in held]
+    choose_on = [i for i in train if samples[i]["group"] in held]
+    return fit_on, choose_on
+
+
 def train_segmentation(
     run_dir: str | os.PathLike[str],
     *,
@@ -467,8 +477,8 @@ def train_segmentation(
     for k in sorted(set(test_fold) - {-1}):
         fold_dir = ensure_dir(seg_dir / f"fold-{k}")
         test = [i for i in kept if test_fold[i] == k]
-        val = [i for i in kept if test_fold[i] != k and f"val@{k};" in val_in[i]]
-        train = [i for i in kept if test_fold[i] != k and f"val@{k};" not in val_in[i]]
+        outer_train = [i for i in kept if test_fold[i] != k and f"val@{k};" not in val_in[i]]
+        train, val = epoch_choice_split(outer_train, samples, seed + k)
         if (fold_dir / MARKER).exists():
             model, card = load_model(fold_dir)
             say(f"  fold-{k}: already done, reusing it")
@@ -484,6 +494,7 @@ def train_segmentation(
             card = {
                 "kind": KIND, "architecture": arch, "in_chans": 1, "input_size": image_size,
                 "fold": k, "seed": seed + k, "best_epoch": res.best_epoch,
+                "epoch_chosen_on": EPOCH_CHOICE,
                 "val_dice": res.best_val_dice, "n_train": len(train), "n_val": len(val),
                 "mask_threshold": MASK_THRESHOLD,
                 "preprocessing": {"mode": "stretch", "resize": "stretch to square, bilinear",
@@ -519,7 +530,7 @@ def train_segmentation(
     doc = {
         "model": arch, "input_size": image_size, "epochs": epochs,
         "folds": "the run's grouped folds (folds.json, repeat 0): fold K's model never saw "
-        "test fold K, and chose its epoch on fold K's inner-validation images",
+        f"test fold K nor fold K's inner-validation images; {EPOCH_CHOICE}",
         "mask_threshold": MASK_THRESHOLD,
         "scored_at": "each image's own size (prediction upsampled bilinearly); masks of one "
         "image united",

@@ -309,6 +309,16 @@ def _stack_loader(ds: Any, cfg: Config) -> Callable[[int], torch.Tensor]:
     return stack_for
 
 
+def refuse_lesion_crop(cfg: Config) -> None:
+    """Before any work: a search trains on whole-image stacks and has no segmentation step."""
+    if cfg.data.preprocess == "lesion-crop":
+        raise ConfigError(
+            "tune: data.preprocess lesion-crop is not supported (the search has no "
+            "segmentation step); tune with stretch, then train the best settings with "
+            "--set data.preprocess=lesion-crop"
+        )
+
+
 def run_tuning(
     cfg: Config | None,
     run_dir: Path,
@@ -342,6 +352,7 @@ def run_tuning(
             )
         if cfg.cv.repeats != 1:
             raise ConfigError("tune: cv.repeats must be 1 (one search per outer fold)")
+    refuse_lesion_crop(cfg)
     cfg = with_model_defaults(cfg)
     audit, audit_text, ds, plans = experiment.prepare_data(cfg, progress, log)
     ensure_dir(run_dir)
@@ -442,6 +453,7 @@ def run_search_only(
     from breastcad.data.sources import load_source
     from breastcad.engine import runtime_settings
 
+    refuse_lesion_crop(cfg)
     cfg = with_model_defaults(cfg)
     # unseeded: workers sharing a study must not all propose the same points
     study = open_study(study_name, storage, cfg, None)  # a bad storage fails before any work

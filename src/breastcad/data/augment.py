@@ -56,11 +56,30 @@ def affine_matrices(n: int, cfg: AugmentConfig, gen: torch.Generator) -> torch.T
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """Augment (B, 1, H, W) floats in [0, 1]; randomness comes only from ``gen`` (on the CPU)."""
+    return _augment(x, None, cfg, gen)[0]
+
+
+def augment_with_masks(
+    x: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`augment_batch` for segmentation: (B, 1, H, W) binary masks get the same
+    geometric warp as their images (nearest at 0.5), and none of the intensity changes."""
+    x, warped = _augment(x, masks.to(x.dtype), cfg, gen)
+    assert warped is not None
+    return x, (warped > 0.5).to(x.dtype)
+
+
+def _augment(
+    x: torch.Tensor, masks: torch.Tensor | None, cfg: AugmentConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     n = x.shape[0]
     theta = affine_matrices(n, cfg, gen).to(x.device, x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # Zeros outside the image: like the black surround of an ultrasound frame.
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if masks is not None:
+        masks = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros",
+                              align_corners=False)  # fmt: skip
 
     def per_image(lo: float, hi: float) -> torch.Tensor:
         r = lo + (hi - lo) * torch.rand(n, 1, 1, 1, generator=gen)
@@ -79,7 +98,7 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> 
         x = gaussian_blur(x, per_image(0, cfg.blur).flatten())
     if cfg.resolution > 1:
         x = down_up(x, per_image(1, cfg.resolution).flatten())
-    return x.clamp_(0, 1)
+    return x.clamp_(0, 1), masks
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
