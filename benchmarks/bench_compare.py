@@ -55,23 +55,27 @@ PROTOCOLS = {
 
 
 def reuse_finished(src: Path, out: Path, protocol: str) -> list[str]:
-    """Start ``out`` as a copy of comparison ``src``'s plan (same base settings, so the same
-    folds) with ``protocol``'s variants; finished models whose variant is unchanged are
-    copied, the rest train on ``compare --resume``."""
-    from breastcad.compare import parse_variant
+    """Start ``out`` from comparison ``src``'s base settings (so the same folds) with
+    ``protocol``'s variants; a finished model of ``src`` is copied when its effective
+    settings (model defaults filled in) are exactly what ``out`` would train, the rest
+    train on ``compare --resume``."""
+    from breastcad.compare import parse_variant, variant_config
+    from breastcad.config import load_config, with_model_defaults
 
     plan = json.loads((src / "compare.json").read_text())
+    plan["base"]["train"]["lr"] = None  # today's default: each model's own learning rate
     out.mkdir(parents=True)
-    old = {v["label"]: v["overrides"] for v in plan["variants"]}
     variants = []
     for text in PROTOCOLS[protocol]:
         v = parse_variant(text)
-        label, overrides = v.label, json.loads(json.dumps(v.overrides))  # as compare.json has it
-        variants.append({"label": label, "overrides": overrides})
-        done = (src / label / "metrics.json").exists() and (src / label / "report.html").exists()
-        if old.get(label) == overrides and done:
-            shutil.copytree(src / label, out / label)
-            print(f"reused {src / label}")
+        variants.append({"label": v.label, "overrides": v.overrides})
+        sub = src / v.label
+        if not ((sub / "metrics.json").exists() and (sub / "report.html").exists()):
+            continue
+        wanted = with_model_defaults(variant_config(plan["base"], v)).to_dict()
+        if load_config(sub / "config.yaml").to_dict() == wanted:
+            shutil.copytree(sub, out / v.label)
+            print(f"reused {sub} (same effective settings)")
     plan["variants"] = variants
     (out / "compare.json").write_text(json.dumps(plan, indent=2) + "\n")
     return ["compare", "--resume", str(out), "--quiet"]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from breastcad.config import Config, load_config, valid_keys
+from breastcad.config import Config, load_config, valid_keys, validate
 from breastcad.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,3 +64,22 @@ def test_missing_or_broken_config_file(tmp_path: Path) -> None:
     bad.write_text("- a list\n- not a mapping\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(bad)
+
+
+def test_each_model_brings_its_input_size_batch_size_and_learning_rate_unless_set() -> None:
+    from breastcad.config import with_model_defaults
+    from breastcad.models import get_spec
+
+    cfg = Config()
+    assert cfg.train.lr is None and cfg.data.image_size is None
+    for name, lr in (("basic_cnn", 3e-3), ("resnet50", 3e-3), ("alexnet", 1e-4), ("vgg16", 1e-4)):
+        cfg.model.name = name
+        filled = with_model_defaults(cfg)
+        assert filled.train.lr == pytest.approx(lr)
+        assert filled.data.image_size == get_spec(name).input_size
+        assert filled.train.batch_size == get_spec(name).batch_size
+    cfg.train.lr = 0.02  # a learning rate the user set is kept
+    assert with_model_defaults(cfg).train.lr == pytest.approx(0.02)
+    cfg.train.lr = 0.0
+    with pytest.raises(ConfigError, match="train.lr"):
+        validate(cfg)

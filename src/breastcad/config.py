@@ -27,7 +27,7 @@ class DataConfig:
     image_size: int | None = None  # None: the model's registered input size
     max_pixels: int = 40_000_000
     cache_dir: str | None = None  # None: $XDG_CACHE_HOME/breastcad or ~/.cache/breastcad
-    preprocess: str = "stretch"  # stretch | breast-crop (whole mammograms) | lesion-crop
+    preprocess: str = "stretch"  # stretch | scan-crop | breast-crop (mammograms) | lesion-crop
     crop_margin: float = 0.3  # lesion-crop: added on each side, share of the lesion's longer side
     crop_min_side: float = 0.1  # lesion-crop: smallest box, share of the image's shorter side
 
@@ -72,7 +72,7 @@ class AugmentConfig:
 class TrainConfig:
     epochs: int = 30
     batch_size: int | None = None  # None: the model's registered batch size
-    lr: float = 3e-3
+    lr: float | None = None  # AdamW peak; None: the model's own (models.ModelSpec.lr)
     backbone_lr_factor: float = 1.0  # backbone lr = lr * this (fine-tuning: e.g. 0.1)
     weight_decay: float = 5e-4
     warmup_epochs: int = 2
@@ -253,8 +253,8 @@ def validate(cfg: Config) -> None:
             "data.image_size must be at least 16",
         ),
         (
-            cfg.data.preprocess in ("stretch", "breast-crop", "lesion-crop"),
-            "data.preprocess must be stretch, breast-crop or lesion-crop",
+            cfg.data.preprocess in ("stretch", "scan-crop", "breast-crop", "lesion-crop"),
+            "data.preprocess must be stretch, scan-crop, breast-crop or lesion-crop",
         ),
         (0.0 <= cfg.data.crop_margin <= 2.0, "data.crop_margin must be between 0 and 2"),
         (0.0 <= cfg.data.crop_min_side <= 1.0, "data.crop_min_side must be between 0 and 1"),
@@ -279,6 +279,7 @@ def validate(cfg: Config) -> None:
             cfg.tune.pruner in ("median", "hyperband", "none"),
             "tune.pruner: median, hyperband or none",
         ),
+        (cfg.train.lr is None or cfg.train.lr > 0, "train.lr must be positive"),
         (cfg.train.backbone_lr_factor > 0, "train.backbone_lr_factor must be positive"),
         (
             cfg.model.pretrained is not None or not cfg.model.freeze_backbone,
@@ -304,7 +305,8 @@ def with_overrides(cfg: Config, pairs: list[tuple[str, Any]]) -> Config:
 
 
 def with_model_defaults(cfg: Config) -> Config:
-    """A copy with the input size and batch size the model registers, where unset."""
+    """A copy with the input size, batch size and learning rate the model registers, where
+    unset."""
     from breastcad.models import get_spec  # imports torch: only when a model is due
 
     spec = get_spec(cfg.model.name)
@@ -313,6 +315,8 @@ def with_model_defaults(cfg: Config) -> Config:
         out.data.image_size = spec.input_size
     if out.train.batch_size is None:
         out.train.batch_size = spec.batch_size
+    if out.train.lr is None:
+        out.train.lr = spec.lr
     return out
 
 

@@ -250,8 +250,10 @@ def export_model(
             "name": INPUT_NAME,
             "dtype": "uint8",
             "shape": ["batch", size, size],
-            "meaning": "grayscale image decoded to [0, 1], resized to S x S (bilinear, aspect "
-            "not kept) and quantised to uint8, as breastcad.data.cache.prepare_for_model does",
+            "meaning": "grayscale image decoded to [0, 1], then "
+            + str((ens.card.get("preprocessing") or {}).get("resize", "stretch to square"))
+            + f" to {size} x {size}, quantised to uint8, as "
+            "breastcad.data.cache.prepare_for_model does (mode in model_card.preprocessing)",
         },
         "output": {
             "name": OUTPUT_NAME,

@@ -51,6 +51,8 @@ class ModelSpec:
     first_conv: str = ""  # the conv rebuilt for in_chans (adapted from RGB when pretrained)
     weights: str | None = None  # torchvision architecture whose DEFAULT weights "imagenet" means
     batch_size: int = 32  # default images per training step
+    # default AdamW peak learning rate; networks without BatchNorm need a lower one
+    lr: float = 3e-3
     # rewrites a weights file's keys to this architecture's (legacy checkpoints)
     remap_keys: Callable[[StateDict], StateDict] | None = None
 
@@ -376,6 +378,7 @@ def _torchvision_spec(
     input_size: int = 224,
     make: Callable[[int], nn.Module] | None = None,
     remap_keys: Callable[[StateDict], StateDict] | None = None,
+    lr: float = 3e-3,
 ) -> ModelSpec:
     return ModelSpec(
         name=name,
@@ -387,8 +390,15 @@ def _torchvision_spec(
         first_conv=first_conv,
         weights=name,
         remap_keys=remap_keys,
+        lr=lr,
     )
 
+
+# AlexNet and VGG-16 have no BatchNorm: from scratch at the 3e-3 that suits the BatchNorm
+# networks, AdamW drove AlexNet on BUSI to a constant output within 5 epochs (training
+# loss stuck at ln 2, validation AUC 0.5 in every later epoch); 1e-4 is the usual Adam
+# rate for these plain stacks.
+NO_BATCHNORM_LR = 1e-4
 
 # Grad-CAM layers are the last convolutional feature map before global pooling, at
 # the highest resolution available there (after the last conv's ReLU, before the
@@ -400,6 +410,7 @@ register(
         classifier="classifier.6",
         gradcam_layer="features.11",  # ReLU after the 5th conv (features.10)
         description="AlexNet (torchvision), as in the study",
+        lr=NO_BATCHNORM_LR,
     )
 )
 register(
@@ -409,6 +420,7 @@ register(
         classifier="classifier.6",
         gradcam_layer="features.29",  # ReLU after the 13th conv (features.28)
         description="VGG-16 without batch norm (torchvision), as in the study",
+        lr=NO_BATCHNORM_LR,
     )
 )
 register(

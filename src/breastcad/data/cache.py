@@ -1,7 +1,7 @@
 """Decode each image once: a cache of resized uint8 arrays, keyed by content.
 
 The key is the file's content hash, the output size, the preprocessing
-mode (``stretch`` or ``breast-crop``) and its version, so a changed file, size
+mode (``stretch``, ``scan-crop`` or ``breast-crop``) and its version, so a changed file, size
 or preprocessing rule gets a new entry and a stale one is never read. Entries
 are written atomically (temp file + rename), so two processes building the same
 cache at once both end with valid files.
@@ -13,7 +13,9 @@ scanners export 8 bits.
 
 Modes (``data.preprocess``, recorded as ``preprocessing.mode`` in each fold's
 card): ``stretch`` resizes the whole image to a square (aspect not kept);
-``breast-crop`` finds the breast in a whole mammogram, blanks markers outside
+``scan-crop`` crops an ultrasound frame to its scan area (black surround and the
+text bands and marks on it dropped; see :mod:`breastcad.data.scan_area`) and
+stretches that; ``breast-crop`` finds the breast in a whole mammogram, blanks markers outside
 it, mirrors it so the chest wall is on the left, crops to it and resizes with
 the aspect kept and padding (see :mod:`breastcad.data.mammo`).
 """
@@ -37,7 +39,7 @@ from breastcad.io import atomic_write_bytes, ensure_dir
 
 # Bump when the resize or intensity rule changes: old entries are then unused.
 PREPROCESS_VERSION = "stretch-bilinear-v1"
-PREPROCESS_MODES = ("stretch", "breast-crop", "lesion-crop")
+PREPROCESS_MODES = ("stretch", "scan-crop", "breast-crop", "lesion-crop")
 
 
 def default_cache_dir() -> Path:
@@ -67,6 +69,10 @@ def preprocess(img: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
         from breastcad.data.mammo import breast_crop
 
         return breast_crop(img, size)
+    if mode == "scan-crop":
+        from breastcad.data.scan_area import scan_crop
+
+        return scan_crop(img, size)
     if mode == "lesion-crop":
         raise ConfigError(
             "lesion-crop inputs are cut around a lesion mask: they need the run's segmentation "
@@ -96,6 +102,16 @@ def preprocessing_card(mode: str = "stretch", crop: dict[str, Any] | None = None
             "resize": "breast region (markers blanked), chest wall left, crop, "
             "aspect kept, bilinear, padded to square",
         }
+    if mode == "scan-crop":
+        from breastcad.data.scan_area import SCAN_VERSION
+
+        return {
+            "version": PREPROCESS_VERSION,
+            "mode": mode,
+            "mode_version": SCAN_VERSION,
+            "resize": "crop to the scan area (black surround, text bands and marks outside "
+            "the scan removed), stretch to square, bilinear",
+        }
     return {"version": PREPROCESS_VERSION, "mode": mode, "resize": "stretch to square, bilinear"}
 
 
@@ -119,7 +135,11 @@ def prepare_for_model(img: np.ndarray, card: dict[str, Any], cropper: Any = None
 
 def entry_key(content_sha256: str, size: int, mode: str = "stretch") -> str:
     text = f"{content_sha256}|{size}|{PREPROCESS_VERSION}"
-    if mode != "stretch":  # stretch keeps its old keys, so existing caches stay valid
+    if mode == "scan-crop":
+        from breastcad.data.scan_area import SCAN_VERSION
+
+        text += f"|{mode}|{SCAN_VERSION}"
+    elif mode != "stretch":  # stretch keeps its old keys, so existing caches stay valid
         from breastcad.data.mammo import MAMMO_VERSION
 
         text += f"|{mode}|{MAMMO_VERSION}"
