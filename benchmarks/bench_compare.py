@@ -44,8 +44,9 @@ CPU_QUICK_PROTOCOL = (
     "densenet201-64px-3ep=densenet201,data.image_size=64,train.epochs=3",
     "vgg16-64px-4ep=vgg16,data.image_size=64,train.epochs=4",
 )
-# cpu-quick with alexnet at its full protocol (224 px, up to 30 epochs): about an hour
-# more on a 2-core CPU without bf16, usually run with --reuse busi-quick
+# cpu-quick with alexnet at its full protocol (224 px, up to 30 epochs, about an hour on a
+# 2-core CPU without bf16), usually with --reuse busi-quick (alexnet and vgg16 train again:
+# their learning rate is now their own 1e-4)
 CPU_NOBF16_PROTOCOL = ("basic_cnn", "alexnet", *CPU_QUICK_PROTOCOL[2:])
 PROTOCOLS = {
     "cpu": CPU_PROTOCOL,
@@ -63,8 +64,9 @@ def reuse_finished(src: Path, out: Path, protocol: str) -> list[str]:
     from breastcad.config import load_config, with_model_defaults
 
     plan = json.loads((src / "compare.json").read_text())
-    plan["base"]["train"]["lr"] = None  # today's default: each model's own learning rate
-    out.mkdir(parents=True)
+    if plan["base"]["train"].get("lr") == 0.003:  # the old global default, not a choice
+        plan["base"]["train"]["lr"] = None  # today's: each model's own learning rate
+    out.mkdir(parents=True, exist_ok=True)  # compare.json absent: nothing started there
     variants = []
     for text in PROTOCOLS[protocol]:
         v = parse_variant(text)
@@ -100,6 +102,8 @@ def main() -> int:
     )
     ap.add_argument("extra", nargs="*", help="more arguments for breastcad compare (after --)")
     args = ap.parse_args()
+    if args.reuse and args.protocol == "full":
+        ap.error("--reuse works with the cpu protocols")
     out = Path("runs") / f"bench-compare-{args.name}"
     if (out / "compare.json").exists():
         cmd = ["compare", "--resume", str(out), "--quiet"]

@@ -12,6 +12,7 @@ from PIL import Image
 from breastcad.config import Config, validate
 from breastcad.data.cache import entry_key, prepare_for_model, preprocess, preprocessing_card
 from breastcad.data.scan_area import find_scan_area, scan_crop
+from breastcad.errors import ConfigError
 from synthetic import write_busi_like
 from test_cli import FAST, run_cli
 
@@ -51,10 +52,23 @@ def test_the_scan_is_found_and_the_text_band_and_marks_are_dropped() -> None:
     assert abs(y0 - 60) <= 1 and abs(y1 - 280) <= 1  # the cyst on the top edge does not cut it
     crop = scan_crop(frame, 64)
     assert crop.shape == (64, 64) and crop.dtype == np.uint8
-    assert crop.min() > 0 or crop.mean() > 60  # no black surround left in the model input
+    assert np.array_equal(crop, preprocess(frame[y0:y1, x0:x1], 64))
+    assert crop[:, :4].mean() > 60 and crop[-4:].mean() > 60  # no black surround left
 
 
-def test_a_large_frame_is_found_at_work_resolution_and_mapped_back() -> None:
+def test_the_dim_deep_part_of_the_scan_stays_with_it() -> None:
+    """A shadow under a mass or the chest wall: mostly black, some speckle, no empty row."""
+    rng = np.random.default_rng(4)
+    scan = _tissue(rng, 200, 300)
+    deep = np.where(rng.random((60, 300)) < 0.12, 0.1, 0.0).astype(np.float32)
+    frame = _frame(np.vstack([scan, deep]), (330, 380), (20, 40), text=False)
+    x0, y0, x1, y1 = find_scan_area(frame).bbox
+    assert (y0, y1) == (20, 280) and (x0, x1) == (40, 340)
+    frame[220:224] = 0  # an empty band between them: the sparse part is another band
+    assert find_scan_area(frame).bbox[3] == 220
+
+
+def test_a_large_frame_loses_its_surround_and_text_band() -> None:
     rng = np.random.default_rng(1)
     frame = _frame(_tissue(rng, 700, 900), (900, 1200), (120, 150))
     x0, y0, x1, y1 = find_scan_area(frame).bbox
@@ -88,6 +102,10 @@ def test_scan_crop_is_a_mode_with_its_own_cache_key_card_and_config() -> None:
     cfg = Config()
     cfg.data.preprocess = "scan-crop"
     validate(cfg)
+    # a model trained under another version of the rule is refused, not fed other inputs
+    old = {"preprocessing": {**card, "mode_version": "scan-crop-v0"}, "input_size": 48}
+    with pytest.raises(ConfigError, match="scan-crop-v0"):
+        prepare_for_model(frame, old)
 
 
 def test_a_scan_crop_run_predicts_the_same_for_a_scan_with_or_without_its_surround(

@@ -83,6 +83,10 @@ def test_epoch_choice_split_holds_out_whole_groups_of_the_training_images() -> N
     assert 0.1 * len(train) <= len(choose_on) <= 0.2 * len(train)
     assert epoch_choice_split(train, samples, seed=1) == (fit_on, choose_on)
     assert epoch_choice_split(train, samples, seed=2) != (fit_on, choose_on)
+    # a large duplicate group is not drawn when it would hold out far more than asked
+    big = [{"group": "big"}] * 40 + [{"group": f"g{i}"} for i in range(40)]
+    for seed in range(20):  # without the rule, "big" is drawn early for about a third
+        assert len(epoch_choice_split(list(range(80)), big, seed=seed)[1]) <= 24
     # a single group is never held out whole: training keeps images
     fit_one, choose_one = epoch_choice_split([0, 1, 2], samples, seed=0)
     assert fit_one == [0, 1, 2] and choose_one == []
@@ -122,6 +126,19 @@ def test_segment_trains_on_the_runs_folds_and_writes_masks(run_dir, tmp_path) ->
         )  # fmt: skip
         assert card["n_train"] + card["n_val"] == n_fold_train and card["n_val"] >= 1
         assert (run / "segmentation" / f"fold-{k}" / "FINISHED").is_file()
+
+    # a fold model from before that rule is trained again, a current one reused
+    card_path = run / "segmentation" / "fold-0" / "card.json"
+    card = json.loads(card_path.read_text())
+    del card["epoch_chosen_on"]
+    card_path.write_text(json.dumps(card))
+    proc = run_cli(
+        "segment", str(run), "--train", "--epochs", "3", "--image-size", "48", "--threads", "1"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fold-0: trained under an earlier rule" in proc.stdout
+    assert "fold-1: already done" in proc.stdout
+    assert "epoch_chosen_on" in json.loads(card_path.read_text())
 
     # masks and overlays at each image's own size
     out = tmp_path / "masks"

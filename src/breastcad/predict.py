@@ -26,11 +26,11 @@ from torch import nn
 
 from breastcad import __version__
 from breastcad.checkpoint import CARD, WEIGHTS, load_fold_model
-from breastcad.data.cache import prepare_for_model
+from breastcad.data.cache import check_rule_version, prepare_for_model
 from breastcad.data.imageio import DEFAULT_MAX_PIXELS, is_image_name, read_image
 from breastcad.data.records import BadFile
 from breastcad.engine import Runtime, predict_logits
-from breastcad.errors import BreastcadError, ImageReadError, printable
+from breastcad.errors import BreastcadError, ConfigError, ImageReadError, printable
 from breastcad.io import read_json
 from breastcad.lesion_crop import crop_column
 from breastcad.metrics import apply_temperature
@@ -240,6 +240,10 @@ def load_ensemble(path: str | Path, fold: int | None = None) -> Ensemble:
         )
     threshold = float(read_json(metrics_path)["operating_point"]["threshold"])
     loaded = [load_fold_model(d) for d in dirs]
+    try:
+        check_rule_version(loaded[0][1])
+    except ConfigError as err:
+        raise BreastcadError(f"{run_dir}: {err}") from None
     cropper = None
     versioned = list(dirs)
     if loaded[0][1].get("preprocessing", {}).get("mode") == "lesion-crop":

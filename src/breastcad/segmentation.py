@@ -401,11 +401,25 @@ def epoch_choice_split(
     for j in np.random.default_rng(seed).permutation(len(groups)):
         if n_held >= target or len(held) == len(groups) - 1:
             break
+        if n_held + size[groups[j]] > 2 * target:  # a big group would overshoot: next one
+            continue
         held.add(groups[j])
         n_held += size[groups[j]]
     fit_on = [i for i in train if samples[i]["group"] not in held]
     choose_on = [i for i in train if samples[i]["group"] in held]
     return fit_on, choose_on
+
+
+def _current_rule(fold_dir: Path, k: int, say: Callable[[str], Any]) -> bool:
+    """A finished fold is reused only when its epoch was chosen as today: models from
+    before chose it on the classifier's inner-validation images."""
+    from breastcad.io import read_json
+
+    if read_json(fold_dir / "card.json").get("epoch_chosen_on") == EPOCH_CHOICE:
+        return True
+    say(f"  fold-{k}: trained under an earlier rule (its epoch chosen on the classifier's "
+        "validation images); training it again")  # fmt: skip
+    return False
 
 
 def train_segmentation(
@@ -479,7 +493,7 @@ def train_segmentation(
         test = [i for i in kept if test_fold[i] == k]
         outer_train = [i for i in kept if test_fold[i] != k and f"val@{k};" not in val_in[i]]
         train, val = epoch_choice_split(outer_train, samples, seed + k)
-        if (fold_dir / MARKER).exists():
+        if (fold_dir / MARKER).exists() and _current_rule(fold_dir, k, say):
             model, card = load_model(fold_dir)
             say(f"  fold-{k}: already done, reusing it")
         else:

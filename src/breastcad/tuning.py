@@ -53,8 +53,11 @@ def _augment_settings(strength: float, base: Config) -> dict[str, Any]:
 
 def suggest(trial: Any, base: Config) -> dict[str, Any]:
     """One point of the search space, as dotted config keys."""
+    from breastcad.models import get_spec
+
+    own_lr = get_spec(base.model.name).lr  # 1/10 to 10/3 of it: 3e-4 to 1e-2 for 3e-3
     params: dict[str, Any] = {
-        "train.lr": trial.suggest_float("lr", 3e-4, 1e-2, log=True),
+        "train.lr": trial.suggest_float("lr", own_lr / 10, own_lr * 10 / 3, log=True),
         "train.weight_decay": trial.suggest_float("weight_decay", 1e-5, 1e-2, log=True),
         "train.batch_size": trial.suggest_categorical("batch_size", [16, 32, 64]),
     }

@@ -115,6 +115,21 @@ def preprocessing_card(mode: str = "stretch", crop: dict[str, Any] | None = None
     return {"version": PREPROCESS_VERSION, "mode": mode, "resize": "stretch to square, bilinear"}
 
 
+def check_rule_version(card: dict[str, Any]) -> str:
+    """The card's preprocessing mode, after checking that this breastcad applies the very
+    rule the model was trained with (a changed crop rule would silently feed it other
+    inputs)."""
+    pre = card.get("preprocessing") or {}
+    mode = pre.get("mode", "stretch")
+    trained_with, now = pre.get("mode_version"), preprocessing_card(mode).get("mode_version")
+    if trained_with is not None and trained_with != now:
+        raise ConfigError(
+            f"this model was trained with the {trained_with} preprocessing rule and this "
+            f"breastcad applies {now}: retrain it, or use the breastcad version that trained it"
+        )
+    return str(mode)
+
+
 def prepare_for_model(img: np.ndarray, card: dict[str, Any], cropper: Any = None) -> np.ndarray:
     """The model input for a decoded [0, 1] image, by the rule recorded in a fold's card.
 
@@ -122,7 +137,7 @@ def prepare_for_model(img: np.ndarray, card: dict[str, Any], cropper: Any = None
     through here, so inference applies exactly the preprocessing training applied.
     Cards written before modes existed have no ``mode``: they mean ``stretch``.
     """
-    mode = (card.get("preprocessing") or {}).get("mode", "stretch")
+    mode = check_rule_version(card)
     if mode == "lesion-crop":  # the box comes from the run's segmentation models
         if cropper is None:
             raise ConfigError(
@@ -204,7 +219,8 @@ def load_stack(
 ) -> np.ndarray:
     """All images as one (N, size, size) uint8 array, decoding only cache misses.
 
-    ``preprocess`` is the mode (``data.preprocess``): ``stretch`` or ``breast-crop``.
+    ``preprocess`` is the mode (``data.preprocess``): ``stretch``, ``scan-crop`` or
+    ``breast-crop``.
     """
     mode = check_mode(preprocess)
     root = Path(cache_dir) if cache_dir else default_cache_dir()

@@ -8,11 +8,14 @@ from hospital to hospital. ``scan-crop`` keeps the scan and drops the surround:
 
 1. Call foreground every pixel brighter than ``THRESHOLD``: the surround of an
    ultrasound export is black, tissue (even deep and dark, speckle) is mostly not.
-2. Trim rows from the top and the bottom while less than ``MIN_LINE`` of a row is
-   foreground (a black band, or one crossing a line of text or a body mark: glyphs
-   are thin strokes with black between them), then
-   columns from the left and the right alike, within the rows kept. Only the edges
-   are trimmed: a black cyst or an acoustic shadow inside the scan never cuts it.
+2. The scan's core: from the first to the last row at least ``MIN_LINE`` foreground
+   (a black band, or one crossing a line of text or a body mark, is less: glyphs are
+   thin strokes with black between them). Then grow the core outwards over rows at
+   least ``GROW_LINE`` foreground, so the dim deep part of a scan (the shadow under a
+   mass, the chest wall) stays with it, and stop at the first nearly empty row: a
+   band is dropped only when black separates it from the scan. The same for columns,
+   within the rows kept. Only the edges are trimmed: a black cyst or an acoustic
+   shadow inside the scan never cuts it.
 3. Crop the full-resolution image to the box kept and resize it to the model input
    as ``stretch`` does.
 
@@ -32,9 +35,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCAN_VERSION = "scan-crop-v1"
+SCAN_VERSION = "scan-crop-v2"
 THRESHOLD = 0.015  # foreground: brighter than about 4 of 255 grey levels
-MIN_LINE = 0.3  # a row or column of the scan is at least this share foreground
+MIN_LINE = 0.3  # the scan's core: rows and columns at least this share foreground
+GROW_LINE = 0.02  # the core grows over lines at least this share foreground
 MIN_AREA = 0.2  # a smaller region is not trusted to be the scan
 
 
@@ -64,10 +68,18 @@ def find_scan_area(img: np.ndarray) -> ScanArea:
 
 
 def _kept_span(fraction: np.ndarray) -> tuple[int, int] | None:
-    """From the first to the last line (row or column) at least ``MIN_LINE`` foreground:
-    only the edges are trimmed, so nothing inside the scan (a cyst, a shadow) can cut it."""
+    """From the first to the last line (row or column) at least ``MIN_LINE`` foreground,
+    grown outwards over lines at least ``GROW_LINE`` foreground (see the module
+    docstring, step 2)."""
     scan = np.flatnonzero(fraction >= MIN_LINE)
-    return (int(scan[0]), int(scan[-1]) + 1) if scan.size else None
+    if not scan.size:
+        return None
+    start, stop = int(scan[0]), int(scan[-1]) + 1
+    while start > 0 and fraction[start - 1] >= GROW_LINE:
+        start -= 1
+    while stop < len(fraction) and fraction[stop] >= GROW_LINE:
+        stop += 1
+    return start, stop
 
 
 def scan_crop(img: np.ndarray, size: int) -> np.ndarray:
