@@ -118,7 +118,7 @@ def test_a_scan_crop_run_predicts_the_same_for_a_scan_with_or_without_its_surrou
                    cache=tmp_path / "cache")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     scan = np.asarray(Image.open(data / "malignant" / "malignant (3).png"), np.float32) / 255
-    framed = _frame(scan, (90, 110), (30, 40))
+    framed = _frame(scan, (100, 110), (30, 40))  # text band above, body mark below
     inputs = tmp_path / "in"
     inputs.mkdir()
     Image.fromarray(np.rint(scan * 255).astype(np.uint8)).save(inputs / "scan.png")
