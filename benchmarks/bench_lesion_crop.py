@@ -82,7 +82,11 @@ def main() -> int:
     ap.add_argument("--data", required=True)
     ap.add_argument("--name", default="busi")
     ap.add_argument("--whole", help="a whole-image run on the same data and seed")
-    ap.add_argument("extra", nargs="*", help="more --set key=value for breastcad train")
+    ap.add_argument(
+        "extra",
+        nargs="*",
+        help="more breastcad train options after --, e.g. -- --set segment.epochs=15",
+    )
     args = ap.parse_args()
     run = Path("runs") / f"bench-lesion-crop-{args.name}"
     if (run / "config.yaml").exists():
@@ -101,7 +105,9 @@ def main() -> int:
     record: dict[str, Any] = {
         "name": f"lesion-crop-{args.name}",
         "date": time.strftime("%Y-%m-%d"),
-        "command": "breastcad train --data DATA --set data.preprocess=lesion-crop",
+        "command": " ".join(
+            ["breastcad train --data DATA --set data.preprocess=lesion-crop", *args.extra]
+        ),
         "wall_seconds_this_call": round(train_seconds, 1),
         "machine": machine_info(),
         "pooled": metrics["pooled"],

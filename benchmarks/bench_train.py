@@ -317,6 +317,17 @@ def derive(row: dict[str, Any], peak: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def progress(row: dict[str, Any]) -> dict[str, Any]:
+    """Print one pipeline's figures as soon as they exist, so a cut-off run still leaves them."""
+    print(
+        f"{row['pipeline']}: {row['images_per_s']:.1f} images/s, data wait "
+        f"{100 * row['data_wait_share']:.0f}%, {row['pct_of_fp32_peak']:.1f}% of fp32 peak, "
+        f"peak RSS {row['peak_rss_mb']:.0f} MiB",
+        flush=True,
+    )
+    return row
+
+
 def ratios(ours: dict[str, Any], naive: dict[str, Any]) -> dict[str, float]:
     def ratio(key: str) -> float:
         return ours[key] / naive[key] if naive[key] else float("nan")
@@ -389,12 +400,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     machine = common.machine_info()
     peak = run_worker(args, "peak")
-    naive = [derive(run_worker(args, "naive", w), peak) | {"role": "naive"} for w in NAIVE_WORKERS]
-    ours = derive(run_worker(args, "breastcad"), peak) | {"role": "breastcad"}
+    print(
+        f"peak fp32 matmul {peak['peak_fp32_flops'] / 1e9:.1f} GFLOP/s; "
+        f"{peak['forward_flops_per_image'] / 1e9:.3f} GFLOP forward per image",
+        flush=True,
+    )
+    naive = [
+        progress(derive(run_worker(args, "naive", w), peak) | {"role": "naive"})
+        for w in NAIVE_WORKERS
+    ]
+    ours = progress(derive(run_worker(args, "breastcad"), peak) | {"role": "breastcad"})
     rows = [*naive, ours]
     if ours["bf16"]:  # the same pipeline in fp32: how much of the gain is bf16 alone
         extra = derive(run_worker(args, "breastcad", bf16="off"), peak)
-        rows.append(extra | {"role": "breastcad-fp32 (for comparison)"})
+        rows.append(progress(extra | {"role": "breastcad-fp32 (for comparison)"}))
     doc: dict[str, Any] = {
         "benchmark": "train",
         "date": machine["date"],
