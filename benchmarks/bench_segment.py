@@ -2,6 +2,8 @@
 
     python benchmarks/bench_segment.py --run runs/bench-compare-busi-nobf16/basic_cnn \
         --name busi --epochs 15
+    python benchmarks/bench_segment.py --run runs/bench-lesion-crop-busi --name busi-unet \
+        --arch unet --epochs 15
 
 Copies the run's fold plan (``folds.json``, ``config.yaml``, the audit) to
 ``runs/bench-segment-<name>`` (the source run is not touched), then runs
@@ -37,6 +39,7 @@ def main() -> int:
     ap.add_argument("--name", default="busi")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--arch", default="lraspp_mobilenet_v3_large", help="segmentation model")
     args = ap.parse_args()
     src, run = Path(args.run), Path("runs") / f"bench-segment-{args.name}"
     run.mkdir(parents=True, exist_ok=True)
@@ -44,7 +47,7 @@ def main() -> int:
         if (src / name).exists() and not (run / name).exists():
             shutil.copy2(src / name, run / name)
     cmd = ["segment", str(run), "--train", "--epochs", str(args.epochs),
-           "--image-size", str(args.image_size)]  # fmt: skip
+           "--image-size", str(args.image_size), "--arch", args.arch]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "breastcad", *cmd])
     if proc.returncode != 0:
@@ -54,13 +57,14 @@ def main() -> int:
         "name": f"segment-{args.name}",
         "date": time.strftime("%Y-%m-%d"),
         "command": f"breastcad segment RUN --train --epochs {args.epochs} "
-        f"--image-size {args.image_size}",
+        f"--image-size {args.image_size} --arch {args.arch}",
         "folds_from": str(src),
         "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
         "machine": machine_info(),
         **{k: seg[k] for k in ("model", "input_size", "epochs", "folds", "mask_threshold",
                                "metrics", "per_fold", "by_class", "ci", "seconds")},
         "n_images": seg.get("n_images"),
+        "lr": seg.get("lr"),
     }  # fmt: skip
     path = write_json(HERE / "results" / f"segment-{args.name}.json", record)
     d = seg["metrics"]["dice"]

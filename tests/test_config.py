@@ -50,11 +50,18 @@ def test_overrides_apply_dotted_keys_with_types(tmp_path: Path) -> None:
         (("cv.folds", 1), "cv.folds must be at least 2"),
         (("data.task", "cats"), "unknown task 'cats'"),
         (("train", 3), "train: expected a mapping"),
+        (("segment.model", "resunet"), "segment.model must be one of lraspp_mobilenet_v3_large"),
     ],
 )
 def test_bad_settings_are_rejected_with_the_reason(override: tuple, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])
+
+
+def test_unet_segmentation_needs_a_side_divisible_by_16() -> None:
+    assert load_config(None, [("segment.model", "unet"), ("segment.image_size", 96)])
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        load_config(None, [("segment.model", "unet"), ("segment.image_size", 100)])
 
 
 def test_missing_or_broken_config_file(tmp_path: Path) -> None:

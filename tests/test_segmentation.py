@@ -26,7 +26,9 @@ def test_dice_iou_and_upsampling() -> None:
     assert upsample(np.ones((4, 4), np.float32), (9, 13)).shape == (9, 13)
 
 
-@pytest.mark.parametrize("arch", ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"])
+@pytest.mark.parametrize(
+    "arch", ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "unet"]
+)
 def test_models_take_one_channel_and_give_one_logit_map(arch: str) -> None:
     import torch
 
@@ -36,7 +38,8 @@ def test_models_take_one_channel_and_give_one_logit_map(arch: str) -> None:
     assert out.shape == (2, 1, 48, 48)
 
 
-def test_segmentation_learns_planted_blobs() -> None:
+@pytest.mark.parametrize("arch", ["lraspp_mobilenet_v3_large", "unet"])
+def test_segmentation_learns_planted_blobs(arch: str) -> None:
     rng = np.random.default_rng(0)
     pairs = [lesion_image(rng, 64, i % 2 == 1) for i in range(40)]
     images = np.stack([(im * 255).astype(np.uint8) for im, _ in pairs])
@@ -47,7 +50,8 @@ def test_segmentation_learns_planted_blobs() -> None:
     )
     masks[:4] = 0
     rt = runtime(1)
-    model, res = fit(images, masks, range(0, 24), range(24, 32), epochs=18, batch_size=8, rt=rt)
+    model, res = fit(images, masks, range(0, 24), range(24, 32), arch=arch, epochs=18,
+                     batch_size=8, rt=rt)  # fmt: skip
     test = list(range(32, 40))
     probs = predict_probs(model, images[test], rt)
     dice = [dice_iou(p >= 0.5, masks[i])[0] for p, i in zip(probs, test, strict=True)]
@@ -139,6 +143,20 @@ def test_segment_trains_on_the_runs_folds_and_writes_masks(run_dir, tmp_path) ->
     assert "fold-0: trained under an earlier rule" in proc.stdout
     assert "fold-1: already done" in proc.stdout
     assert "epoch_chosen_on" in json.loads(card_path.read_text())
+
+    # another model asked for: every finished fold is trained again, never passed off as it
+    proc = run_cli("segment", str(run), "--train", "--arch", "unet", "--epochs", "2",
+                   "--image-size", "48", "--threads", "1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for k in (0, 1):
+        assert f"fold-{k}: the finished model is lraspp_mobilenet_v3_large at 48 px" in proc.stdout
+        card = json.loads((run / "segmentation" / f"fold-{k}" / "card.json").read_text())
+        assert card["architecture"] == "unet" and card["weights"].startswith("MONAI")
+    assert json.loads((run / "segmentation" / "segmentation.json").read_text())["model"] == "unet"
+    proc = run_cli("segment", str(run), "--train", "--arch", "unet", "--image-size", "40",
+                   "--threads", "1")  # fmt: skip
+    assert proc.returncode != 0 and "multiple of 16, not 40" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
     # masks and overlays at each image's own size
     out = tmp_path / "masks"

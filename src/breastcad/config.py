@@ -17,6 +17,9 @@ import yaml
 
 from breastcad.errors import ConfigError
 
+#: Lesion segmentation models (breastcad.segmentation builds them).
+SEG_ARCHS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50", "unet")
+
 
 @dataclass
 class DataConfig:
@@ -113,7 +116,7 @@ class SegmentConfig:
     epochs: int = 30
     image_size: int = 128
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float | None = None  # None: the model's own (unet 1e-2, the others 2e-3)
     reuse: str | None = None  # a run folder with segmentation/ models on the same folds
 
 
@@ -273,6 +276,15 @@ def validate(cfg: Config) -> None:
         (1.0 <= cfg.augment.resolution <= 16.0, "augment.resolution must be between 1 and 16"),
         (cfg.segment.epochs >= 1, "segment.epochs must be at least 1"),
         (cfg.segment.image_size >= 32, "segment.image_size must be at least 32"),
+        (cfg.segment.lr is None or cfg.segment.lr > 0, "segment.lr must be positive"),
+        (
+            cfg.segment.model in SEG_ARCHS,
+            f"segment.model must be one of {', '.join(SEG_ARCHS)}",
+        ),
+        (
+            cfg.segment.model != "unet" or cfg.segment.image_size % 16 == 0,
+            "segment.model unet needs segment.image_size a multiple of 16",
+        ),
         (cfg.tune.trials >= 1, "tune.trials must be at least 1"),
         (cfg.tune.epochs >= 1, "tune.epochs must be at least 1"),
         (

@@ -48,6 +48,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--epochs", type=int, default=30, help="epochs per fold (default 30)")
     p.add_argument("--image-size", type=int, default=128, help="input size (default 128)")
     p.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the model's own)")
     p.add_argument("--threads", type=int, help="CPU threads (default: one per core)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
 
@@ -60,7 +61,8 @@ def _train(args: argparse.Namespace) -> int:
         raise BreastcadError("--train uses the run's own folds; give no images")
     doc = train_segmentation(
         args.model, arch=args.arch, epochs=args.epochs, image_size=args.image_size,
-        batch_size=args.batch_size, threads=args.threads, device=args.device, log=print,
+        batch_size=args.batch_size, lr=args.lr, threads=args.threads, device=args.device,
+        log=print,
     )  # fmt: skip
     m = doc["metrics"]
     print(
