@@ -90,6 +90,7 @@ def worker_peak(args: argparse.Namespace) -> dict[str, Any]:
     """Machine peak (fp32 and bf16 matmul) and the model's FLOPs per image."""
     import torch
 
+    from breastcad.engine import cpu_has_bf16
     from breastcad.models import count_parameters, create_model
 
     torch.set_num_threads(common.cores())
@@ -99,7 +100,13 @@ def worker_peak(args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "matmul_n": args.matmul_n,
         "peak_fp32_flops": common.peak_matmul_flops("fp32", args.matmul_n, args.matmul_reps),
-        "peak_bf16_flops": common.peak_matmul_flops("bf16", args.matmul_n, args.matmul_reps),
+        # Without native bf16 the matmul is emulated (about 1 GFLOP/s here: minutes for one
+        # 4096 product) and no pipeline runs in bf16, so there is no bf16 peak to compare with.
+        "peak_bf16_flops": (
+            common.peak_matmul_flops("bf16", args.matmul_n, args.matmul_reps)
+            if cpu_has_bf16()
+            else None
+        ),
         "forward_flops_per_image": fwd,
         "train_step_flops_per_image": 3 * fwd,
         "train_step_flops_per_image_counted": common.train_step_flops_counted(model, args.size),
@@ -346,7 +353,12 @@ def report(args: argparse.Namespace, doc: dict[str, Any]) -> str:
         f"CPU: {m['cpu']} ({m['cores']} cores, native bf16: {'yes' if m['cpu_bf16'] else 'no'}), "
         f"torch {m['torch']}; load average at start {m['load1_at_start']:.2f}",
         f"peak matmul {pk['matmul_n']}x{pk['matmul_n']}: fp32 {pk['peak_fp32_flops'] / g:.1f} "
-        f"GFLOP/s, bf16 {pk['peak_bf16_flops'] / g:.1f} GFLOP/s",
+        "GFLOP/s, bf16 "
+        + (
+            f"{pk['peak_bf16_flops'] / g:.1f} GFLOP/s"
+            if pk["peak_bf16_flops"]
+            else "not timed (no native bf16: emulated, and no pipeline uses it)"
+        ),
         f"model: {pk['parameters']:,} parameters, forward {pk['forward_flops_per_image'] / g:.3f} "
         f"GFLOP/image (FlopCounterMode: 2 FLOPs per multiply-add, convs+matmuls only); "
         f"training step taken as 3x forward = {pk['train_step_flops_per_image'] / g:.3f} GFLOP "
