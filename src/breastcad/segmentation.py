@@ -61,6 +61,12 @@ ARCHS = SEG_ARCHS
 #: MONAI's residual U-Net: input sides must divide by 2**len(strides).
 UNET_CHANNELS, UNET_STRIDES = (16, 32, 64, 128, 256), (2, 2, 2, 2)
 UNET_MULTIPLE = 2 ** len(UNET_STRIDES)
+MASK_THRESHOLD = 0.5
+#: A finished segmentation fold. Not "DONE": the run's own fold finder (predict.py) takes
+#: every folder under the run with DONE + card.json for a classification fold.
+MARKER = "FINISHED"
+METRICS = ("dice", "iou")
+
 #: Peak learning rates: the U-Net underfits at the MobileNet heads' 2e-3 (BUSI fold 0,
 #: 15 epochs: training loss 1.23 vs 0.42, test Dice 0.60 vs 0.64).
 DEFAULT_LR, ARCH_LR = 2e-3, {"unet": 1e-2}
@@ -69,13 +75,6 @@ DEFAULT_LR, ARCH_LR = 2e-3, {"unet": 1e-2}
 def default_lr(arch: str) -> float:
     """The peak learning rate ``arch`` trains at when none is given."""
     return ARCH_LR.get(arch, DEFAULT_LR)
-
-
-MASK_THRESHOLD = 0.5
-#: A finished segmentation fold. Not "DONE": the run's own fold finder (predict.py) takes
-#: every folder under the run with DONE + card.json for a classification fold.
-MARKER = "FINISHED"
-METRICS = ("dice", "iou")
 
 
 # ----------------------------------------------------------------------------- model
