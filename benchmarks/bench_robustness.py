@@ -62,6 +62,7 @@ def main() -> int:
         "n_groups": doc["n_groups"],
         "n_positive": doc["n_positive"],
         "threshold": doc["threshold"],
+        "preprocessing": (doc.get("preprocessing") or {}).get("mode"),
         "reference": doc["reference"],
         "run_pooled_roc_auc": doc["run_pooled_roc_auc"],
         "shifts": doc["shifts"],

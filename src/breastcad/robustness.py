@@ -306,8 +306,12 @@ def plot_robustness(doc: dict[str, Any], out: str | os.PathLike[str]) -> Path:
             lo_all = min([val(ref["low"])] + [val(r["roc_auc"]["low"]) for s in shifts
                                                for r in s["levels"]])  # fmt: skip
             axes[0, 0].set_ylim(max(0.0, min(0.45, lo_all - 0.05)), 1.0)
+            mode = (doc.get("preprocessing") or {}).get("mode")
+            model = (
+                doc.get("model") if mode in (None, "stretch") else f"{doc.get('model')} ({mode})"
+            )
             fig.suptitle(
-                f"Site-shift proxy: test-fold AUC of {doc.get('model')} under appearance shifts "
+                f"Site-shift proxy: test-fold AUC of {model} under appearance shifts "
                 f"({doc['n_images']} images, {doc['n_groups']} groups)\ndashed: unshifted AUC "
                 f"{val(ref['value']):.3f} (grey band: its CI); dotted: chance; grey square: "
                 "no shift",
