@@ -94,6 +94,7 @@ def main() -> int:
     else:
         cmd = ["train", "--data", args.data, "--out", str(run), "--quiet",
                "--set", "data.preprocess=lesion-crop", *args.extra]  # fmt: skip
+    machine = machine_info()  # before the run: its load average is the one the run met
     t0 = time.perf_counter()
     if not (run / "metrics.json").exists():
         proc = subprocess.run([sys.executable, "-m", "breastcad", *cmd])
@@ -109,7 +110,7 @@ def main() -> int:
             ["breastcad train --data DATA --set data.preprocess=lesion-crop", *args.extra]
         ),
         "wall_seconds_this_call": round(train_seconds, 1),
-        "machine": machine_info(),
+        "machine": machine,
         "pooled": metrics["pooled"],
         "operating_point": metrics["operating_point"],
         "lesion_crop": metrics["lesion_crop"],
