@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -215,18 +216,49 @@ def worker_naive(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def worker_breastcad(args: argparse.Namespace) -> dict[str, Any]:
-    """breastcad's own loop: ``engine.train_one_epoch`` over the cached uint8 stack."""
-    import numpy as np
+@dataclass
+class BreastcadLoop:
+    """breastcad's training loop over the cached uint8 stack, set up once (the model,
+    optimizer, data and seeded generator); :meth:`run` trains whole batches with
+    ``engine.train_one_epoch`` itself. profile_train.py profiles the same loop."""
+
+    model: Any
+    images: Any
+    targets: Any
+    optimizer: Any
+    fixed: tuple[Any, ...]  # class weights, TrainConfig, AugmentConfig, generator, Runtime
+    rt: Any
+    batch: int
+    warmup: int
+    total_steps: int
+    setup_seconds: float
+    cache_hits_before: int
+    step: int = 0
+
+    def run(self, n_steps: int) -> Any:
+        """``n_steps`` full batches (the engine shuffles them with the generator)."""
+        import numpy as np
+
+        from breastcad.engine import train_one_epoch
+
+        idx = np.resize(np.arange(len(self.targets)), n_steps * self.batch)
+        stats, self.step = train_one_epoch(
+            self.model, self.images, self.targets, idx, self.optimizer, *self.fixed,
+            self.step, self.total_steps, self.warmup,
+        )  # fmt: skip
+        return stats
+
+
+def breastcad_loop(args: argparse.Namespace) -> BreastcadLoop:
+    """Set up breastcad's pipeline for ``args`` (model, size, batch, data, bf16, seed)."""
     import torch
 
     from breastcad.config import AugmentConfig, TrainConfig
     from breastcad.data.cache import default_cache_dir, entry_key, load_stack
     from breastcad.data.imageio import file_sha256
-    from breastcad.engine import runtime_settings, train_one_epoch
+    from breastcad.engine import runtime_settings
     from breastcad.models import create_model
 
-    rss_import = common.rss_mb()
     cfg = TrainConfig(
         batch_size=args.batch,
         lr=common.LR,
@@ -248,8 +280,6 @@ def worker_breastcad(args: argparse.Namespace) -> dict[str, Any]:
     hits = sum((cache_dir / f"{entry_key(h, args.size)}.npy").is_file() for h in hashes)
     stack = load_stack(paths, hashes, args.size, cache_dir, workers=common.cores())
     setup_s = time.perf_counter() - t0
-    images = torch.from_numpy(stack)
-    targets = torch.tensor([t for _, t in pairs], dtype=torch.int64)
 
     model = create_model(args.model, num_classes=2, in_chans=1)
     model = model.to(memory_format=torch.channels_last) if rt.channels_last else model
@@ -257,29 +287,40 @@ def worker_breastcad(args: argparse.Namespace) -> dict[str, Any]:
     for group in opt.param_groups:
         group["initial_lr"] = cfg.lr
     gen = torch.Generator().manual_seed(args.seed)
-    total = args.warmup + args.steps
-    # Exactly warmup (then steps) full batches; the engine shuffles them with ``gen``.
-    warm_idx = np.resize(np.arange(len(pairs)), args.warmup * args.batch)
-    timed_idx = np.resize(np.arange(len(pairs)), args.steps * args.batch)
-    common_args = (None, cfg, AugmentConfig(), gen, rt)
-    step = 0
-    if args.warmup:
-        _, step = train_one_epoch(
-            model, images, targets, warm_idx, opt, *common_args, step, total, args.warmup
-        )
-    stats, _ = train_one_epoch(
-        model, images, targets, timed_idx, opt, *common_args, step, total, args.warmup
+    return BreastcadLoop(
+        model=model,
+        images=torch.from_numpy(stack),
+        targets=torch.tensor([t for _, t in pairs], dtype=torch.int64),
+        optimizer=opt,
+        fixed=(None, cfg, AugmentConfig(), gen, rt),
+        rt=rt,
+        batch=args.batch,
+        warmup=args.warmup,
+        total_steps=args.warmup + args.steps,
+        setup_seconds=setup_s,
+        cache_hits_before=hits,
     )
+
+
+def worker_breastcad(args: argparse.Namespace) -> dict[str, Any]:
+    """breastcad's own loop: ``engine.train_one_epoch`` over the cached uint8 stack."""
+    import torch
+
+    rss_import = common.rss_mb()
+    loop = breastcad_loop(args)
+    if args.warmup:
+        loop.run(args.warmup)
+    stats = loop.run(args.steps)
     return {
-        "pipeline": "breastcad" + (", bf16" if rt.bf16 else ", fp32"),
+        "pipeline": "breastcad" + (", bf16" if loop.rt.bf16 else ", fp32"),
         "images": stats.images,
         "seconds": stats.seconds_total,
         "seconds_data": stats.seconds_data,
-        "setup_seconds": setup_s,
-        "cache_hits_before": hits,
-        "n_dataset": len(pairs),
-        "bf16": rt.bf16,
-        "channels_last": rt.channels_last,
+        "setup_seconds": loop.setup_seconds,
+        "cache_hits_before": loop.cache_hits_before,
+        "n_dataset": len(loop.targets),
+        "bf16": loop.rt.bf16,
+        "channels_last": loop.rt.channels_last,
         "threads": torch.get_num_threads(),
         "rss_after_import_mb": rss_import,
         "peak_rss_mb": common.peak_rss_mb(),

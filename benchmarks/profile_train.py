@@ -3,14 +3,15 @@
     .venv/bin/python benchmarks/profile_train.py                      # basic_cnn, 128 px, batch 32
     .venv/bin/python benchmarks/profile_train.py --model resnet50 --size 224 --batch 16 --steps 4
 
-The same loop as bench_train.py's breastcad pipeline (the decoded-once uint8 stack of
-the bundled benign + malignant images, batched augmentation, channels_last, bf16 when the
-CPU has it), ``--warmup`` untimed steps, then ``--steps`` steps under the profiler.
-Operators are summed by self CPU time and put in groups (convolution forward, convolution
-backward, batch norm, pointwise and activation, pooling, optimizer, augmentation, data
-indexing, other); the top operators are listed too. ``--json PATH`` records it all with
-the machine. The profiler adds a little overhead per operator, so shares, not absolute
-times, are the result.
+The same loop as bench_train.py's breastcad pipeline (``bench_train.breastcad_loop``:
+the decoded-once uint8 stack of the bundled benign + malignant images, batched
+augmentation, channels_last, bf16 when the CPU has it), ``--warmup`` untimed steps, then
+``--steps`` steps under the profiler.
+Operators are summed by self CPU time and put in groups (convolution forward and
+backward, dense layers, batch norm, pooling, optimizer, augmentation, pointwise and
+activation, copies and layout, other); the top operators are listed too. ``--json PATH``
+records it all with the machine. The profiler adds a little overhead per operator, so
+shares, not absolute times, are the result.
 """
 
 from __future__ import annotations
@@ -45,51 +46,26 @@ def group_of(name: str) -> str:
 
 
 def profile(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
     import torch
+    from bench_train import breastcad_loop
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from breastcad.config import AugmentConfig, TrainConfig
-    from breastcad.data.cache import default_cache_dir, load_stack
-    from breastcad.data.imageio import file_sha256
-    from breastcad.engine import runtime_settings, train_one_epoch
-    from breastcad.models import create_model
-
-    cfg = TrainConfig(batch_size=args.batch, lr=common.LR, weight_decay=common.WEIGHT_DECAY,
-                      label_smoothing=common.LABEL_SMOOTHING, device="cpu", bf16=args.bf16,
-                      channels_last=True, threads=common.cores())  # fmt: skip
-    rt = runtime_settings(cfg)
-    torch.manual_seed(args.seed)
-    pairs = common.dataset_pairs(args.data)
-    paths = [p for p, _ in pairs]
-    stack = load_stack(paths, [file_sha256(p) for p in paths], args.size, default_cache_dir(),
-                       workers=common.cores())  # fmt: skip
-    images, targets = torch.from_numpy(stack), torch.tensor([t for _, t in pairs])
-    model = create_model(args.model, num_classes=2, in_chans=1).to(
-        memory_format=torch.channels_last
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    for group in opt.param_groups:
-        group["initial_lr"] = cfg.lr
-    gen = torch.Generator().manual_seed(args.seed)
-    total = args.warmup + args.steps
-    fixed = (None, cfg, AugmentConfig(), gen, rt)
-    warm = np.resize(np.arange(len(pairs)), args.warmup * args.batch)
-    _, step = train_one_epoch(model, images, targets, warm, opt, *fixed, 0, total, args.warmup)
-    timed = np.resize(np.arange(len(pairs)), args.steps * args.batch)
+    loop = breastcad_loop(args)
+    if args.warmup:
+        loop.run(args.warmup)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        stats, _ = train_one_epoch(model, images, targets, timed, opt, *fixed, step, total,
-                                   args.warmup)  # fmt: skip
+        stats = loop.run(args.steps)
     ops = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
     self_total = sum(t for _, t, _ in ops) or 1.0
     groups: dict[str, float] = {}
     for name, t, _ in ops:
-        groups[group_of(name)] = groups.get(group_of(name), 0.0) + t
+        g = group_of(name)
+        groups[g] = groups.get(g, 0.0) + t
     top = sorted(ops, key=lambda o: -o[1])[: args.top]
     return {
         "settings": {k: getattr(args, k) for k in ("model", "size", "batch", "steps", "warmup")},
-        "bf16": rt.bf16,
+        "bf16": loop.rt.bf16,
         "threads": torch.get_num_threads(),
         "images_per_s_under_profiler": stats.images / stats.seconds_total,
         "data_wait_share": stats.seconds_data / stats.seconds_total,
@@ -106,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="profiled training steps")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--data", help="dataset folder or CSV (default: the bundled BUSI copy)")
+    ap.add_argument("--cache-dir", help="breastcad image cache (default: breastcad's own)")
     ap.add_argument("--bf16", choices=("auto", "on", "off"), default="auto")
     ap.add_argument("--top", type=int, default=12, help="operators listed")
     ap.add_argument("--seed", type=int, default=0)

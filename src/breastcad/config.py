@@ -19,6 +19,8 @@ from breastcad.errors import ConfigError
 
 #: Lesion segmentation models (breastcad.segmentation builds them).
 SEG_ARCHS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50", "unet")
+#: The U-Net halves its input four times: its side must be a multiple of this.
+UNET_SIDE_MULTIPLE = 16
 
 
 @dataclass
@@ -282,8 +284,8 @@ def validate(cfg: Config) -> None:
             f"segment.model must be one of {', '.join(SEG_ARCHS)}",
         ),
         (
-            cfg.segment.model != "unet" or cfg.segment.image_size % 16 == 0,
-            "segment.model unet needs segment.image_size a multiple of 16",
+            cfg.segment.model != "unet" or cfg.segment.image_size % UNET_SIDE_MULTIPLE == 0,
+            f"segment.model unet needs segment.image_size a multiple of {UNET_SIDE_MULTIPLE}",
         ),
         (cfg.tune.trials >= 1, "tune.trials must be at least 1"),
         (cfg.tune.epochs >= 1, "tune.epochs must be at least 1"),

@@ -51,16 +51,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from breastcad.config import SEG_ARCHS
+from breastcad.config import SEG_ARCHS, UNET_SIDE_MULTIPLE
 from breastcad.errors import BreastcadError, ConfigError
 
 SEG_DIR = "segmentation"
 FILENAME = "segmentation.json"
 KIND = "segmentation"
 ARCHS = SEG_ARCHS
-#: MONAI's residual U-Net: input sides must divide by 2**len(strides).
+#: MONAI's residual U-Net; four stride-2 levels, so sides divide by UNET_SIDE_MULTIPLE.
 UNET_CHANNELS, UNET_STRIDES = (16, 32, 64, 128, 256), (2, 2, 2, 2)
-UNET_MULTIPLE = 2 ** len(UNET_STRIDES)
 MASK_THRESHOLD = 0.5
 #: A finished segmentation fold. Not "DONE": the run's own fold finder (predict.py) takes
 #: every folder under the run with DONE + card.json for a classification fold.
@@ -119,10 +118,10 @@ class SegNet(nn.Module):
 
 def check_input_size(arch: str, image_size: int) -> None:
     """A U-Net halves its input four times and doubles it back: the side must divide by 16."""
-    if arch == "unet" and image_size % UNET_MULTIPLE:
+    if arch == "unet" and image_size % UNET_SIDE_MULTIPLE:
         raise ConfigError(
             f"segmentation model unet needs an image size that is a multiple of "
-            f"{UNET_MULTIPLE}, not {image_size}"
+            f"{UNET_SIDE_MULTIPLE}, not {image_size}"
         )
 
 
